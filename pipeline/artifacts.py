@@ -1,0 +1,121 @@
+"""Files that are whole or absent: atomic writes, hashes, stage folders with manifests, a run lock."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import LockError, PipelineError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it: a reader sees old or new, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: cannot read JSON ({exc}); delete it and re-run") from None
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put the finished folder `src` at `dst`, replacing an older `dst`.
+
+    Between the two renames `dst` is briefly absent, never half-written: a reader (or a resumed run)
+    sees the old folder, nothing, or the new one.
+    """
+    old = dst.with_name(f".{dst.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def fresh_temp_dir(parent: Path, name: str) -> Path:
+    """An empty folder `.name.tmp` under `parent` (removing what a killed run left there)."""
+    tmp = parent / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def outputs_intact(folder: Path, manifest: dict[str, Any]) -> bool:
+    """True when every output the manifest lists exists with the recorded sha256."""
+    outputs = manifest.get("outputs", {})
+    for rel, digest in outputs.items():
+        path = folder / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a target's run folder; a second deploy of the same target refuses."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / ".lock"
+    f = open(lock_path, "a+")  # noqa: SIM115 - held for the duration of the run
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise LockError(
+                f"another edgeship run is using {run_dir} (pid {holder}); wait for it to finish, "
+                f"or stop it, then run again"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()

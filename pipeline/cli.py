@@ -1,0 +1,152 @@
+"""The command line: the only place that parses argv, renders progress and tables, and exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.errors import PipelineError, UsageError
+
+log = logging.getLogger("pipeline")
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CxHxW like 3x32x32, got {text!r}") from None
+    return c, h, w
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeship", description="Put a PyTorch model on edge hardware.")
+    p.add_argument("--version", action="version", version=f"edgeship {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("deploy", help="prune, fine-tune, convert, verify, profile and bundle for a target")
+    d.add_argument("--target", required=True, help="target name (rpi, rpi4, rpi5, android, coral, host) or a YAML path")
+    d.add_argument("--model", default="fmnist_cnn",
+                   help="built-in model (fmnist_cnn, efficientnet_lite0) or package.module:factory")
+    d.add_argument("--checkpoint", type=Path, help="weights for the model (default: the model's own)")
+    d.add_argument("--data", type=Path, help="image folder with train/<class>/ and test/<class>/ (own models)")
+    d.add_argument("--calibration", type=Path, help="calibration images (.npz or folder) for int8")
+    d.add_argument("--input-shape", type=_parse_shape, help="CxHxW of a user model's input, e.g. 3x32x32")
+    d.add_argument("--mean", type=_parse_floats, help="per-channel mean in 0-1 pixel units (user model)")
+    d.add_argument("--std", type=_parse_floats, help="per-channel std in 0-1 pixel units (user model)")
+    d.add_argument("--test-images", type=int, help="evaluate on the first N test images only (faster)")
+    d.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    d.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
+    d.add_argument("--force", action="store_true", help="re-run every stage even when up to date")
+    d.add_argument("--allow-budget-miss", action="store_true", help="publish the bundle even if a budget is missed")
+
+    t = sub.add_parser("targets", help="list the target profiles, or validate one")
+    t.add_argument("name", nargs="?", help="validate and print this target (name or YAML path)")
+    return p
+
+
+def _model_spec(args: argparse.Namespace):
+    from pipeline.models.zoo import get_model_spec, user_model_spec
+
+    if ":" not in args.model:
+        return get_model_spec(args.model)
+    if args.input_shape is None or args.mean is None or args.std is None:
+        raise UsageError("a user model (--model module:factory) also needs --input-shape, --mean and --std")
+    if args.data is None:
+        raise UsageError("a user model needs --data DIR with DIR/train/<class>/ and DIR/test/<class>/ images")
+    classes = tuple(sorted(p.name for p in (args.data / "train").iterdir() if p.is_dir())) \
+        if (args.data / "train").is_dir() else ()
+    return user_model_spec(args.model, input_shape=args.input_shape, mean=args.mean, std=args.std,
+                           class_names=classes)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from pipeline.data.sources import DataPlan
+    from pipeline.deploy import DeployRequest, deploy
+    from pipeline.targets import load_target
+
+    target = load_target(args.target)
+    spec = _model_spec(args)
+    if args.test_images is not None and args.test_images < 1:
+        raise UsageError("--test-images must be at least 1")
+    plan = DataPlan(spec, data_dir=args.data, calibration_path=args.calibration, test_limit=args.test_images)
+    req = DeployRequest(target=target, spec=spec, checkpoint=args.checkpoint, data=plan, runs_dir=args.runs_dir,
+                        artifacts_dir=args.artifacts_dir, force=args.force, allow_budget_miss=args.allow_budget_miss)
+    print(f"edgeship: deploying {spec.name} for {target.name} ({target.description})", file=sys.stderr)
+    start = time.perf_counter()
+
+    def on_stage(name: str, rec) -> None:
+        state = "up to date" if rec.skipped else f"done in {rec.seconds:.1f} s"
+        print(f"  [{name:<17}] {state}", file=sys.stderr)
+
+    result = deploy(req, on_stage)
+    print(_summary_table(result.summary), file=sys.stderr)
+    print(f"bundle: {result.bundle}  report: {result.report}  ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _summary_table(s) -> str:
+    rows = [("variant", "size B", "accuracy", "agreement", "p50 ms", "p99 ms")]
+    b = s["baseline"]["tflite"]
+    rows.append((f"unpruned {s['shipped_precision']}", f"{b['size_bytes']:,}", f"{b['accuracy']:.4f}",
+                 f"{b['agreement']:.4f}", f"{b['latency_ms']['p50']:.3f}", f"{b['latency_ms']['p99']:.3f}"))
+    for p, v in s["variants"].items():
+        rows.append((f"pruned {p}", f"{v['size_bytes']:,}", f"{v['accuracy']:.4f}", f"{v['agreement']:.4f}",
+                     f"{v['latency_ms']['p50']:.3f}", f"{v['latency_ms']['p99']:.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    for bud in s["budgets"]:
+        out.append(f"budget {bud['name']}: {bud['value']} (limit {bud['limit']}) {bud['status']}")
+    return "\n".join(out)
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from pipeline.targets import available_targets, load_target, resolve_target_path
+
+    if args.name:
+        profile = load_target(args.name)
+        print(f"{resolve_target_path(args.name)}: valid")
+        import json
+
+        print(json.dumps(profile.model_dump(mode="json"), indent=2))
+        return 0
+    for name in available_targets():
+        print(f"{name:<10} {resolve_target_path(name)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        match args.command:
+            case "deploy":
+                return cmd_deploy(args)
+            case "targets":
+                return cmd_targets(args)
+    except PipelineError as exc:
+        print(f"edgeship: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edgeship: interrupted; finished stages are kept, the next run resumes after them", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

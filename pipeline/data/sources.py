@@ -1,0 +1,98 @@
+"""Which images a deploy trains, evaluates and calibrates on, chosen from the model and the options."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from pipeline.data.imageset import ImageSet
+from pipeline.errors import DatasetError
+from pipeline.models.spec import ModelSpec
+
+REPO = Path(__file__).resolve().parent.parent.parent
+FMNIST_CALIBRATION = REPO / "calibration_data" / "fashion_mnist_train_500.npz"
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Where each split comes from. Loaded lazily: a skipped stage never reads its data."""
+
+    spec: ModelSpec
+    data_dir: Path | None = None
+    calibration_path: Path | None = None
+    test_limit: int | None = None
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "train": self._name("train"),
+            "test": self._name("test"),
+            "calibration": str(self.calibration_file),
+        }
+
+    def _name(self, split: str) -> str:
+        return str(self.data_dir / split) if self.data_dir else f"fashion-mnist:{split}"
+
+    @property
+    def calibration_file(self) -> Path:
+        if self.calibration_path is not None:
+            return self.calibration_path
+        if self.data_dir is None:
+            return FMNIST_CALIBRATION
+        return self.data_dir / "calibration"
+
+    def _load(self, split: str) -> ImageSet:
+        if self.data_dir is None:
+            if self.spec.input_shape != (1, 28, 28):
+                raise DatasetError(
+                    f"model {self.spec.name} takes {self.spec.input_shape} inputs and has no built-in dataset; "
+                    f"give --data DIR with DIR/train/<class>/*.png and DIR/test/<class>/*.png"
+                )
+            from pipeline.data.fashion_mnist import load_fashion_mnist
+
+            return load_fashion_mnist(split)  # type: ignore[arg-type]
+        from pipeline.data.image_folder import load_image_folder
+
+        c, h, w = self.spec.input_shape
+        folder = self.data_dir / split
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: no such folder; --data DIR needs DIR/{split}/<class>/<images>")
+        return load_image_folder(folder, size=(h, w), channels=c)
+
+    @cached_property
+    def train(self) -> ImageSet:
+        data = self._load("train")
+        self.spec.check_images(data)
+        return data
+
+    @cached_property
+    def test(self) -> ImageSet:
+        data = self._load("test").subset(self.test_limit, seed=1)
+        self.spec.check_images(data)
+        if data.labels is None:
+            raise DatasetError(f"{data.source}: the test split needs labels (one folder per class)")
+        return data
+
+    @cached_property
+    def calibration(self) -> ImageSet:
+        path = self.calibration_file
+        if path.is_dir():
+            from pipeline.data.image_folder import load_image_folder
+
+            c, h, w = self.spec.input_shape
+            data = load_image_folder(path, size=(h, w), channels=c)
+        else:
+            from pipeline.data.calibration import load_calibration
+
+            data = load_calibration(path)
+        self.spec.check_images(data)
+        return data
+
+
+def fingerprint(data: ImageSet) -> str:
+    """sha256 of the pixels and labels: a stage's cache key changes when its data does."""
+    h = hashlib.sha256(data.images.tobytes())
+    if data.labels is not None:
+        h.update(data.labels.astype("int64").tobytes())
+    return h.hexdigest()

@@ -1,0 +1,250 @@
+"""The deploy chain for one target: the stage order lives here, each stage's work in pipeline/stages/.
+
+baseline -> export_baseline -> convert_baseline -> prune -> finetune -> export -> convert -> verify
+-> profile -> bundle. Every stage but the bundle is cached under runs/<target>/<stage>/ (runner.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.artifacts import read_json, run_lock, write_json_atomic
+from pipeline.data.sources import DataPlan, fingerprint
+from pipeline.errors import BudgetError, CheckpointError
+from pipeline.models.spec import ModelSpec
+from pipeline.runner import StageRecord, run_stage
+from pipeline.targets import TargetProfile
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    target: TargetProfile
+    spec: ModelSpec
+    checkpoint: Path | None
+    data: DataPlan
+    runs_dir: Path = Path("runs")
+    artifacts_dir: Path = Path("artifacts")
+    force: bool = False
+    allow_budget_miss: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    bundle: Path | None
+    report: Path
+    summary: Mapping[str, Any]
+
+
+Progress = Callable[[str, StageRecord], None]
+
+
+def _load(spec: ModelSpec, path: Path) -> nn.Module:
+    from pipeline.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(path, spec.build())
+    return model.eval()
+
+
+def _save(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    from pipeline.models.checkpoint import save_checkpoint
+
+    save_checkpoint(model, path, meta=meta)
+
+
+def _example(spec: ModelSpec) -> torch.Tensor:
+    return torch.zeros(1, *spec.input_shape)
+
+
+def deploy(req: DeployRequest, on_stage: Progress | None = None) -> DeployResult:
+    run_dir = req.runs_dir / req.target.name
+    with run_lock(run_dir):
+        return _deploy_locked(req, run_dir, on_stage or (lambda name, rec: None))
+
+
+def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> DeployResult:
+    from pipeline.stages import bundle as bundle_stage
+    from pipeline.stages.finetune import FinetuneConfig, accuracy, finetune_kd, predict
+    from pipeline.stages.prune import count_macs_params, prune_to_target
+
+    t, spec, data = req.target, req.spec, req.data
+    checkpoint = req.checkpoint or (REPO / spec.default_checkpoint if spec.default_checkpoint else None)
+    if checkpoint is None:
+        raise CheckpointError(f"model {spec.name} has no default checkpoint; give --checkpoint PATH")
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint file; train one with `make baseline` "
+                              f"or give --checkpoint PATH")
+    records: dict[str, StageRecord] = {}
+
+    def stage(name: str, work: Callable[[Path], Mapping[str, Any]], *, inputs: Mapping[str, Path],
+              config: Mapping[str, Any]) -> StageRecord:
+        rec = run_stage(run_dir, name, work, inputs=inputs, config=config, force=req.force)
+        records[name] = rec
+        on_stage(name, rec)
+        return rec
+
+    model_cfg = {"model": spec.name, "input_shape": spec.input_shape, "mean": spec.mean, "std": spec.std}
+    test_cfg = {"test": data.describe()["test"], "test_limit": data.test_limit}
+
+    # 1. baseline: the user's model as given, measured.
+    def baseline_work(out: Path) -> dict[str, Any]:
+        model = _load(spec, checkpoint)
+        macs, params = count_macs_params(model, _example(spec))
+        acc = accuracy(predict(model, spec, data.test), data.test.labels)
+        _save(model, out / "model.pt", {"stage": "baseline", "source": str(checkpoint)})
+        return {"macs": macs, "params": params, "accuracy": acc, "test_images": len(data.test),
+                "test_fingerprint": fingerprint(data.test)}
+
+    base = stage("baseline", baseline_work, inputs={"checkpoint": checkpoint}, config={**model_cfg, **test_cfg})
+    calib_cfg = {"calibration": str(data.calibration_file), "n": t.quantize.calibration_images}
+
+    def export_convert(prefix: str, ckpt: Path, precisions: tuple[str, ...]) -> StageRecord:
+        from pipeline.stages.convert_tflite import convert_tflite
+        from pipeline.stages.export_onnx import export_onnx
+
+        def export_work(out: Path) -> dict[str, Any]:
+            result = export_onnx(_load(spec, ckpt), spec, out / "model.onnx",
+                                 check_images=data.calibration.images[:8])
+            return {"max_abs_diff_vs_torch": result.max_abs_diff, "opset": result.opset,
+                    "exporter": result.exporter}
+
+        onnx = stage(f"export{prefix}", export_work, inputs={"model": ckpt}, config=model_cfg)
+
+        def convert_work(out: Path) -> dict[str, Any]:
+            from pipeline.stages.export_onnx import OnnxExport  # noqa: F401  (record type of the input)
+
+            calib = data.calibration.subset(t.quantize.calibration_images, seed=req.seed)
+            files = convert_tflite(
+                _onnx_record(onnx), spec, out, precisions=precisions,
+                calibration=calib if "int8" in precisions else None, int8_io=t.quantize.int8_io,
+                log_path=out / "onnx2tf.log",
+            )  # fmt: skip
+            return {p: {"file": f.path.name, "size_bytes": f.size_bytes} for p, f in files.items()}
+
+        return stage(f"convert{prefix}", convert_work, inputs={"onnx": onnx.path("model.onnx")},
+                     config={"precisions": precisions, "int8_io": t.quantize.int8_io, **calib_cfg})
+
+    ship = t.quantize.ship
+    conv_base = export_convert("_baseline", base.path("model.pt"), (ship,))
+
+    # 2. prune to the profile's MAC/parameter target.
+    def prune_work(out: Path) -> dict[str, Any]:
+        model = _load(spec, base.path("model.pt"))
+        if not t.pruning.enabled:
+            _save(model, out / "model.pt", {"stage": "prune", "pruned": False})
+            return {"enabled": False}
+        p = t.pruning
+        result = prune_to_target(model, _example(spec), metric=p.target.metric, keep=p.target.keep,
+                                 channel_multiple=p.channel_multiple, importance=p.importance,
+                                 keep_layers=p.keep_layers, max_ratio=p.max_layer_ratio)
+        acc = accuracy(predict(result.model, spec, data.test), data.test.labels)
+        _save(result.model, out / "model.pt", {"stage": "prune", **result.figures()})
+        return {"enabled": True, **result.figures(), "accuracy_before_finetune": acc}
+
+    pruned = stage("prune", prune_work, inputs={"model": base.path("model.pt")},
+                   config={**t.pruning.model_dump(mode="json"), **test_cfg})
+
+    # 3. recover with distillation from the unpruned model.
+    def finetune_work(out: Path) -> dict[str, Any]:
+        student = _load(spec, pruned.path("model.pt"))
+        teacher = _load(spec, base.path("model.pt"))
+        f = t.finetune
+        cfg = FinetuneConfig(epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, temperature=f.temperature,
+                             alpha=f.alpha, max_train_images=f.max_train_images, seed=req.seed)
+        torch.manual_seed(req.seed)
+        result = finetune_kd(student, teacher, spec, data.train, cfg) if t.pruning.enabled else None
+        model = result.model if result else student
+        macs, params = count_macs_params(model, _example(spec))
+        acc = accuracy(predict(model, spec, data.test), data.test.labels)
+        _save(model, out / "model.pt", {"stage": "finetune"})
+        return {"accuracy": acc, "macs": macs, "params": params, "steps": result.steps if result else 0,
+                "images_seen": result.images_seen if result else 0,
+                "final_loss": result.final_loss if result else None}
+
+    tuned = stage("finetune", finetune_work,
+                  inputs={"student": pruned.path("model.pt"), "teacher": base.path("model.pt")},
+                  config={**t.finetune.model_dump(mode="json"), "seed": req.seed, "train": data.describe()["train"],
+                          "pruning": t.pruning.enabled, **test_cfg})
+
+    conv = export_convert("", tuned.path("model.pt"), t.quantize.precisions)
+
+    # 4. verify every TFLite file on the test set against PyTorch.
+    def verify_work(out: Path) -> dict[str, Any]:
+        from pipeline.stages.verify import check_parity, verify_tflite
+
+        reports = {}
+        for label, conv_rec, ckpt in (("pruned", conv, tuned.path("model.pt")),
+                                      ("baseline", conv_base, base.path("model.pt"))):
+            files = _tflite_records(conv_rec)
+            report = verify_tflite(files, _load(spec, ckpt), spec, data.test, threads=t.profiling.threads)
+            reports[label] = report.to_dict()
+            check_parity(report)
+        write_json_atomic(out / "verify.json", reports)
+        return reports
+
+    tfl_inputs = {f"{p}": conv.path(f"model_{p}.tflite") for p in t.quantize.precisions}
+    tfl_inputs["baseline"] = conv_base.path(f"model_{ship}.tflite")
+    ver = stage("verify", verify_work, inputs={**tfl_inputs, "model": tuned.path("model.pt")}, config=test_cfg)
+
+    # 5. profile every TFLite file (here: on this machine).
+    def profile_work(out: Path) -> dict[str, Any]:
+        from pipeline.stages.profile import BenchSettings, profile_local
+
+        s = BenchSettings(threads=min(t.profiling.threads, _host_cores()), warmup=t.profiling.warmup,
+                          runs=t.profiling.runs)
+        results = {name: profile_local(path, s) for name, path in tfl_inputs.items()}
+        write_json_atomic(out / "profile.json", results)
+        return results
+
+    prof = stage("profile", profile_work, inputs=tfl_inputs,
+                 config={**t.profiling.model_dump(mode="json"), "host": platform.node(), "cores": _host_cores()})
+
+    summary = bundle_stage.summarize(req, records={"baseline": base, "prune": pruned, "finetune": tuned,
+                                                   "verify": ver, "profile": prof, "convert": conv,
+                                                   "convert_baseline": conv_base})
+    report_path = run_dir / "report.md"
+    bundle_stage.write_report(summary, report_path)
+    misses = [b for b in summary["budgets"] if b["status"] == "missed"]
+    if misses and not req.allow_budget_miss:
+        lines = "; ".join(f"{b['name']}: {b['value']} vs limit {b['limit']}" for b in misses)
+        raise BudgetError(
+            f"target {t.name}: the result misses its budget ({lines}). Nothing was published to "
+            f"{req.artifacts_dir / t.name}; see {report_path}. Relax the budget in the profile, prune less "
+            f"(pruning.target.keep), fine-tune longer, or pass --allow-budget-miss to ship it anyway."
+        )
+    bundle_dir = bundle_stage.publish(summary, conv, req.artifacts_dir / t.name, report_path=report_path)
+    return DeployResult(bundle_dir, bundle_dir / "report.md", summary)
+
+
+def _host_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _onnx_record(rec: StageRecord):
+    from pipeline.stages.export_onnx import OnnxExport
+
+    return OnnxExport.from_path(rec.path("model.onnx"))
+
+
+def _tflite_records(rec: StageRecord):
+    from pipeline.stages.convert_tflite import describe_tflite
+
+    return {p: describe_tflite(p, rec.path(v["file"])) for p, v in rec.figures.items()}
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    return read_json(run_dir / "summary.json")

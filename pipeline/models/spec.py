@@ -1,0 +1,46 @@
+"""What the pipeline needs to know about a model besides its weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.data.imageset import ImageSet
+from pipeline.errors import DatasetError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model family: how to build it, the input it takes and how pixels are normalized.
+
+    `input_shape` is (C, H, W) for batch 1; `mean`/`std` are per channel, in 0-1 pixel units
+    (x = (pixel/255 - mean) / std).
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...]
+    default_checkpoint: str | None = None  # path relative to the repository root, or None
+
+    def to_tensor(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 NHWC images -> normalized float32 NCHW tensor."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 1, 1, -1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 1, 1, -1)
+        return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
+
+    def check_images(self, data: ImageSet) -> None:
+        """Raise DatasetError when the images' HWC shape does not match the model input."""
+        c, h, w = self.input_shape
+        if data.images.shape[1:] != (h, w, c):
+            raise DatasetError(
+                f"{data.source}: images are {data.images.shape[1:]} (HWC), model {self.name} wants {(h, w, c)}; "
+                "resize the images or pick the model that matches them"
+            )

@@ -1,0 +1,160 @@
+"""Benchmark one .tflite file where it will run. Needs only numpy and a TFLite interpreter.
+
+This file is copied to devices and run there as a script (``python3 bench_runner.py --model m.tflite``):
+it must not import anything from edgeship. It prints one JSON object on stdout.
+
+Interpreter: ai-edge-litert when installed (XNNPACK on by default), else tflite-runtime (older devices;
+it does not delegate int8 to XNNPACK, so int8 is much slower there), else TensorFlow's tf.lite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+
+def _rss_kib() -> int:
+    """Current resident set size in KiB (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _peak_rss_kib() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak // 1024) if sys.platform == "darwin" else int(peak)
+
+
+def _interpreter_class():
+    """The first TFLite interpreter importable here: (class, runtime name, version)."""
+    errors = []
+    for module, version_of in (
+        ("ai_edge_litert.interpreter", "ai-edge-litert"),
+        ("tflite_runtime.interpreter", "tflite-runtime"),
+        ("tensorflow.lite", "tensorflow"),
+    ):
+        try:
+            mod = __import__(module, fromlist=["Interpreter"])
+        except ImportError as exc:
+            errors.append(f"{module}: {exc}")
+            continue
+        return mod.Interpreter, version_of, _version(version_of)
+    raise SystemExit("no TFLite interpreter on this device: pip install ai-edge-litert (or tflite-runtime); "
+                     + "; ".join(errors))
+
+
+def _version(dist: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return "unknown"
+
+
+def _uses_xnnpack(interp) -> bool:
+    try:
+        return any(op.get("op_name") == "DELEGATE" for op in interp._get_ops_details())
+    except Exception:
+        return False
+
+
+def _percentile(sorted_ms: list[float], q: float) -> float:
+    if not sorted_ms:
+        return float("nan")
+    pos = (len(sorted_ms) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+def _random_input(np, detail):
+    shape, dtype = detail["shape"], detail["dtype"]
+    rng = np.random.default_rng(0)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--max-seconds", type=float, default=60.0, help="stop the timed runs after this long")
+    p.add_argument("--cpus", default="", help="pin to these CPUs (comma list), where the OS allows it")
+    args = p.parse_args(argv)
+
+    import numpy as np
+
+    pinned = None
+    if args.cpus and hasattr(os, "sched_setaffinity"):
+        cpus = {int(c) for c in args.cpus.split(",") if c.strip()}
+        os.sched_setaffinity(0, cpus)
+        pinned = sorted(cpus)
+    interpreter_class, runtime, runtime_version = _interpreter_class()
+    rss_start = _rss_kib()  # after numpy and the runtime are imported: what follows is the model's
+    t0 = time.perf_counter()
+    interp = interpreter_class(model_path=args.model, num_threads=args.threads)
+    interp.allocate_tensors()
+    load_ms = (time.perf_counter() - t0) * 1000
+    inp = interp.get_input_details()[0]
+    interp.set_tensor(inp["index"], _random_input(np, inp))
+    for _ in range(args.warmup):
+        interp.invoke()
+    times = []
+    deadline = time.perf_counter() + args.max_seconds
+    for _ in range(args.runs):
+        s = time.perf_counter()
+        interp.invoke()
+        times.append((time.perf_counter() - s) * 1000)
+        if time.perf_counter() > deadline:
+            break
+    out = interp.get_output_details()[0]
+    interp.get_tensor(out["index"])
+    ms = sorted(times)
+    mean = sum(ms) / len(ms)
+    std = (sum((t - mean) ** 2 for t in ms) / len(ms)) ** 0.5
+    result = {
+        "runtime": runtime,
+        "runtime_version": runtime_version,
+        "xnnpack": _uses_xnnpack(interp),
+        "threads": args.threads,
+        "pinned_cpus": pinned,
+        "warmup": args.warmup,
+        "runs": len(ms),
+        "load_ms": round(load_ms, 3),
+        "latency_ms": {
+            "p50": round(_percentile(ms, 0.50), 4),
+            "p90": round(_percentile(ms, 0.90), 4),
+            "p99": round(_percentile(ms, 0.99), 4),
+            "mean": round(mean, 4),
+            "std": round(std, 4),
+            "min": round(ms[0], 4),
+            "max": round(ms[-1], 4),
+        },
+        "rss_start_kib": rss_start,
+        "peak_rss_kib": _peak_rss_kib(),
+        "model_rss_kib": max(0, _peak_rss_kib() - rss_start),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "input": {"shape": [int(d) for d in inp["shape"]], "dtype": np.dtype(inp["dtype"]).name},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

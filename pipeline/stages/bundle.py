@@ -1,0 +1,204 @@
+"""The summary of a deploy, its budgets, the readable report, and the published bundle.
+
+The bundle folder `artifacts/<target>/` is built beside itself and renamed into place when whole: a
+failed run leaves the previous bundle untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.artifacts import fresh_temp_dir, replace_dir, sha256_file, write_json_atomic, write_text_atomic
+from pipeline.runner import StageRecord, tool_versions
+
+if TYPE_CHECKING:
+    from pipeline.deploy import DeployRequest
+
+
+def _variant(prof: Mapping[str, Any], ver: Mapping[str, Any] | None) -> dict[str, Any]:
+    lat = prof["latency_ms"]
+    out = {
+        "size_bytes": prof["size_bytes"],
+        "latency_ms": lat,
+        "peak_rss_kib": prof["peak_rss_kib"],
+        "model_rss_kib": prof["model_rss_kib"],
+        "runtime": f"{prof['runtime']} {prof['runtime_version']}",
+        "xnnpack": prof["xnnpack"],
+        "threads": prof["threads"],
+        "runs": prof["runs"],
+        "measured_on": f"{prof['device']['name']} ({prof['device']['machine']}, {prof['device']['transport']})",
+    }
+    if ver is not None:
+        out.update({k: ver.get(k) for k in ("accuracy", "agreement", "max_abs_diff", "mean_abs_diff")})
+    return out
+
+
+def _verify_by_precision(report: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {r["precision"]: r for r in report["precisions"]}
+
+
+def summarize(req: DeployRequest, *, records: Mapping[str, StageRecord]) -> dict[str, Any]:
+    t = req.target
+    base, pruned, tuned = records["baseline"].figures, records["prune"].figures, records["finetune"].figures
+    ver, prof = records["verify"].figures, records["profile"].figures
+    ship = t.quantize.ship
+    ver_pruned = _verify_by_precision(ver["pruned"])
+    ver_base = _verify_by_precision(ver["baseline"])
+    variants = {p: _variant(prof[p], ver_pruned.get(p)) for p in t.quantize.precisions}
+    baseline_tflite = _variant(prof["baseline"], ver_base.get(ship))
+    shipped = variants[ship]
+    on_device = t.transport.kind == "local" and t.hardware.arch == prof[ship]["device"]["machine"]
+    budgets = _budgets(t, base_acc=base["accuracy"], shipped=shipped, on_device=on_device)
+    return {
+        "target": t.name,
+        "target_description": t.description,
+        "profile": t.model_dump(mode="json"),
+        "profile_sha256": t.digest(),
+        "model": req.spec.name,
+        "data": req.data.describe(),
+        "test_images": base["test_images"],
+        "shipped_precision": ship,
+        "baseline": {
+            "params": base["params"], "macs": base["macs"], "accuracy_torch": base["accuracy"],
+            "tflite": baseline_tflite,
+        },
+        "pruned": {
+            "enabled": pruned.get("enabled", False),
+            "params": tuned["params"], "macs": tuned["macs"],
+            "keep_target": pruned.get("keep_target"), "keep_achieved": pruned.get("keep_achieved"),
+            "metric": pruned.get("metric"),
+            "accuracy_torch_before_finetune": pruned.get("accuracy_before_finetune"),
+            "accuracy_torch": tuned["accuracy"],
+            "finetune_steps": tuned["steps"], "finetune_images": tuned["images_seen"],
+            "layers": pruned.get("layers", []),
+        },
+        "variants": variants,
+        "budgets": budgets,
+        "stages": {n: {"seconds": r.seconds, "skipped": r.skipped} for n, r in records.items()},
+        "tools": tool_versions(),
+    }  # fmt: skip
+
+
+def _budgets(t: Any, *, base_acc: float, shipped: Mapping[str, Any], on_device: bool) -> list[dict[str, Any]]:
+    b = t.budgets
+    rows = []
+    drop = base_acc - shipped["accuracy"]
+    rows.append({"name": "accuracy drop", "limit": b.max_accuracy_drop, "value": round(drop, 4),
+                 "status": "met" if drop <= b.max_accuracy_drop else "missed", "note": "vs unpruned PyTorch"})
+    if b.max_size_kb is not None:
+        kb = shipped["size_bytes"] / 1024
+        rows.append({"name": "size (KiB)", "limit": b.max_size_kb, "value": round(kb, 1),
+                     "status": "met" if kb <= b.max_size_kb else "missed", "note": "shipped model.tflite"})
+    if b.latency_ms is not None:
+        p50 = shipped["latency_ms"]["p50"]
+        if on_device:
+            rows.append({"name": "latency p50 (ms)", "limit": b.latency_ms, "value": p50,
+                         "status": "met" if p50 <= b.latency_ms else "missed", "note": shipped["measured_on"]})
+        else:
+            rows.append({"name": "latency p50 (ms)", "limit": b.latency_ms, "value": p50, "status": "not checked",
+                         "note": f"measured on {shipped['measured_on']}, not on a {t.name} device"})
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def render_report(s: Mapping[str, Any]) -> str:
+    base, pr, ship = s["baseline"], s["pruned"], s["shipped_precision"]
+    bt, st = base["tflite"], s["variants"][ship]
+    lines = [
+        f"# edgeship deploy report: `{s['model']}` for `{s['target']}`",
+        "",
+        f"{s['target_description']}  ",
+        f"Test set: {s['data']['test']} ({s['test_images']} images). Calibration: {s['data']['calibration']}.  ",
+        f"Shipped: `model.tflite` = {ship}. Profile sha256 `{s['profile_sha256'][:12]}`.",
+        "",
+        "## Before / after",
+        "",
+        f"| | unpruned | pruned + fine-tuned | after / before |",
+        "|---|---|---|---|",
+        f"| parameters | {base['params']:,} | {pr['params']:,} | {_ratio(pr['params'], base['params'])} |",
+        f"| MACs | {base['macs']:,} | {pr['macs']:,} | {_ratio(pr['macs'], base['macs'])} |",
+        f"| PyTorch accuracy | {_pct(base['accuracy_torch'])} | {_pct(pr['accuracy_torch'])} | |",
+        f"| {ship} .tflite size | {bt['size_bytes']:,} B | {st['size_bytes']:,} B "
+        f"| {_ratio(st['size_bytes'], bt['size_bytes'])} |",
+        f"| {ship} .tflite accuracy | {_pct(bt['accuracy'])} | {_pct(st['accuracy'])} | |",
+        f"| {ship} latency p50 | {bt['latency_ms']['p50']:.3f} ms | {st['latency_ms']['p50']:.3f} ms "
+        f"| {_ratio(st['latency_ms']['p50'], bt['latency_ms']['p50'])} |",
+        f"| {ship} peak RSS (model) | {bt['model_rss_kib']:,} KiB | {st['model_rss_kib']:,} KiB | |",
+        "",
+    ]
+    if pr["enabled"]:
+        lines += [
+            f"Pruning target: keep {pr['keep_target']:.0%} of {pr['metric']}; achieved {pr['keep_achieved']:.1%}. "
+            f"Accuracy right after pruning {_pct(pr['accuracy_torch_before_finetune'])}, after "
+            f"{pr['finetune_steps']} distillation steps ({pr['finetune_images']:,} images) "
+            f"{_pct(pr['accuracy_torch'])}.",
+            "",
+        ]
+    lines += [
+        "## Every variant",
+        "",
+        "| precision | size | accuracy | top-1 agreement vs PyTorch | max abs logit diff | p50 ms | p90 ms "
+        "| p99 ms | peak RSS KiB | runtime |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p, v in s["variants"].items():
+        lat = v["latency_ms"]
+        lines.append(
+            f"| {p} | {v['size_bytes']:,} B | {_pct(v['accuracy'])} | {_pct(v['agreement'])} "
+            f"| {v['max_abs_diff']:.4g} | {lat['p50']:.3f} | {lat['p90']:.3f} | {lat['p99']:.3f} "
+            f"| {v['peak_rss_kib']:,} | {v['runtime']}{' +XNNPACK' if v['xnnpack'] else ''}, {v['threads']} thr |"
+        )
+    lines += ["", f"Latency: {st['runs']} timed runs after warm-up, measured on {st['measured_on']}.", ""]
+    lines += ["## Budgets", "", "| budget | limit | value | status | note |", "|---|---|---|---|---|"]
+    for b in s["budgets"]:
+        lines.append(f"| {b['name']} | {b['limit']} | {b['value']} | **{b['status']}** | {b['note']} |")
+    if pr["layers"]:
+        lines += ["", "## Channels per layer", "", "| layer | kind | before | after |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['kind']} | {r['before']} | {r['after']} |" for r in pr["layers"]]
+    lines += ["", "## Stages", "", "| stage | seconds | |", "|---|---|---|"]
+    for name, st_ in s["stages"].items():
+        lines.append(f"| {name} | {st_['seconds']:.1f} | {'cached' if st_['skipped'] else 'ran'} |")
+    lines += ["", "Tools: " + ", ".join(f"{k} {v}" for k, v in s["tools"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_report(summary: Mapping[str, Any], path: Path) -> None:
+    write_json_atomic(path.with_name("summary.json"), summary)
+    write_text_atomic(path, render_report(summary))
+
+
+def _metadata(summary: Mapping[str, Any], req_spec: Mapping[str, Any], io: Mapping[str, Any]) -> dict[str, Any]:
+    return {"format": "edgeship-metadata/1", "target": summary["target"], "model": summary["model"],
+            "precision": summary["shipped_precision"], **req_spec, **io}
+
+
+def publish(summary: Mapping[str, Any], conv: StageRecord, dest: Path, *, report_path: Path,
+            spec_meta: Mapping[str, Any], io: Mapping[str, Any]) -> Path:
+    """Write the bundle into a temporary folder beside `dest`, then rename it into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_temp_dir(dest.parent, dest.name)
+    ship = summary["shipped_precision"]
+    shutil.copyfile(conv.path(f"model_{ship}.tflite"), tmp / "model.tflite")
+    (tmp / "variants").mkdir()
+    for p in summary["variants"]:
+        shutil.copyfile(conv.path(f"model_{p}.tflite"), tmp / "variants" / f"model_{p}.tflite")
+    (tmp / "labels.txt").write_text("\n".join(spec_meta["class_names"]) + "\n", encoding="utf-8")
+    write_json_atomic(tmp / "metadata.json", _metadata(summary, spec_meta, io))
+    shutil.copyfile(report_path, tmp / "report.md")
+    files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest = {"format": "edgeship-bundle/1", "files": files, "summary": summary}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    replace_dir(tmp, dest)
+    return dest

@@ -1,0 +1,267 @@
+"""Target profiles: one YAML file per target, validated once into a frozen object.
+
+Every error names the file, the field path and, where there is a fixed set, the valid values:
+``targets/coral.yaml: quantize -> ship: the Edge TPU runs only full-integer models; set ship: int8``.
+Nothing in a profile is evaluated as code (``yaml.safe_load`` only).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import TargetConfigError
+
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+ALIASES_FILE = "aliases.yaml"
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class Hardware(_Frozen):
+    """What the device is."""
+
+    arch: Literal["aarch64", "armv7l", "x86_64"]
+    cpu: str = Field(min_length=1)
+    cores: int = Field(ge=1, le=256)
+    memory_mb: int = Field(ge=16)
+    runtime: Literal["litert", "tflite_runtime"] = "litert"
+    accelerator: Literal["none", "edgetpu"] = "none"
+    edgetpu_sram_mb: float | None = Field(default=None, gt=0)
+
+
+class Budgets(_Frozen):
+    """What the deployed model must meet. A budget left out is not checked."""
+
+    latency_ms: float | None = Field(default=None, gt=0)
+    max_size_kb: float | None = Field(default=None, gt=0)
+    max_accuracy_drop: float = Field(default=0.02, ge=0, le=1)
+
+
+class PruneTarget(_Frozen):
+    """Keep this fraction of the unpruned model's MACs or parameters."""
+
+    metric: Literal["macs", "params"] = "macs"
+    keep: float = Field(gt=0, le=1)
+
+
+class Pruning(_Frozen):
+    enabled: bool = True
+    target: PruneTarget = PruneTarget(metric="macs", keep=0.5)
+    channel_multiple: int = Field(default=8, ge=1, le=256)
+    importance: Literal["l1", "l2", "taylor"] = "l2"
+    keep_layers: tuple[str, ...] = ()
+    max_layer_ratio: float = Field(default=0.8, gt=0, lt=1)
+
+
+class Finetune(_Frozen):
+    """Recovery fine-tuning with knowledge distillation from the unpruned model."""
+
+    epochs: float = Field(default=1.0, ge=0, le=100)
+    lr: float = Field(default=1e-3, gt=0, lt=1)
+    batch_size: int = Field(default=128, ge=1, le=4096)
+    temperature: float = Field(default=4.0, gt=0, le=50)
+    alpha: float = Field(default=0.7, ge=0, le=1)
+    max_train_images: int | None = Field(default=None, ge=1)
+
+
+class Quantize(_Frozen):
+    precisions: tuple[Precision, ...] = ("fp32", "fp16", "int8")
+    ship: Precision = "int8"
+    int8_io: Literal["int8", "uint8", "float32"] = "int8"
+    calibration_images: int = Field(default=200, ge=10, le=5000)
+
+    @model_validator(mode="after")
+    def _ship_is_built(self) -> Quantize:
+        if self.ship not in self.precisions:
+            raise ValueError(f"ship: {self.ship!r} is not among precisions {list(self.precisions)}")
+        if len(set(self.precisions)) != len(self.precisions):
+            raise ValueError(f"precisions: listed twice: {list(self.precisions)}")
+        return self
+
+
+class Profiling(_Frozen):
+    threads: int = Field(default=2, ge=1, le=256)
+    warmup: int = Field(default=20, ge=0, le=10_000)
+    runs: int = Field(default=200, ge=1, le=1_000_000)
+
+
+class LocalTransport(_Frozen):
+    kind: Literal["local"]
+
+
+class SshTransport(_Frozen):
+    kind: Literal["ssh"]
+    host: str | None = Field(default=None, min_length=1, pattern=r"^[A-Za-z0-9._:\[\]-]+$")
+    user: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
+    port: int = Field(default=22, ge=1, le=65535)
+    python: str = Field(default="python3", pattern=r"^[A-Za-z0-9._/+-]+$")
+    workdir: str = Field(default="/tmp/edgeship", pattern=r"^/[A-Za-z0-9._/+-]*$")
+
+
+class AdbTransport(_Frozen):
+    kind: Literal["adb"]
+    serial: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]+$")
+    workdir: str = Field(default="/data/local/tmp/edgeship", pattern=r"^/[A-Za-z0-9._/+-]*$")
+
+
+Transport = Annotated[LocalTransport | SshTransport | AdbTransport, Field(discriminator="kind")]
+
+
+class Power(_Frozen):
+    """How power is read; with kind none, `idle_w`/`active_w` give an energy estimate (labelled so)."""
+
+    kind: Literal["none", "rpi5_pmic", "hwmon", "android_battery", "odpm", "rapl"] = "none"
+    idle_w: float | None = Field(default=None, gt=0)
+    active_w: float | None = Field(default=None, gt=0)
+
+
+class TargetProfile(_Frozen):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    description: str = ""
+    hardware: Hardware
+    budgets: Budgets = Budgets()
+    pruning: Pruning = Pruning()
+    finetune: Finetune = Finetune()
+    quantize: Quantize = Quantize()
+    profiling: Profiling = Profiling()
+    transport: Transport = LocalTransport(kind="local")
+    power: Power = Power()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> TargetProfile:
+        if self.hardware.accelerator == "edgetpu":
+            if self.quantize.ship != "int8":
+                raise ValueError(
+                    f"quantize.ship: the Edge TPU runs only full-integer models; set ship: int8 "
+                    f"(got {self.quantize.ship!r})"
+                )
+            if self.quantize.int8_io == "float32":
+                raise ValueError("quantize.int8_io: the Edge TPU needs integer I/O; use int8 or uint8")
+        if self.profiling.threads > self.hardware.cores:
+            raise ValueError(
+                f"profiling.threads: {self.profiling.threads} threads on a {self.hardware.cores}-core device; "
+                f"use at most {self.hardware.cores}"
+            )
+        return self
+
+    def digest(self) -> str:
+        """sha256 of the validated profile (stable across key order and comments)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def available_targets(targets_dir: Path = TARGETS_DIR) -> list[str]:
+    names = {p.stem for p in targets_dir.glob("*.yaml") if p.name != ALIASES_FILE}
+    return sorted(names | set(_aliases(targets_dir)))
+
+
+def _aliases(targets_dir: Path) -> dict[str, str]:
+    path = targets_dir / ALIASES_FILE
+    if not path.exists():
+        return {}
+    data = _read_yaml(path)
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise TargetConfigError(f"{path}: expected a mapping of alias: target name")
+    return data
+
+
+def resolve_target_path(name_or_path: str, targets_dir: Path = TARGETS_DIR) -> Path:
+    """A target name (``rpi``, ``coral``), an alias, or a path to a YAML file -> the file."""
+    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise TargetConfigError(f"{path}: no such target profile file")
+        return path
+    name = _aliases(targets_dir).get(name_or_path, name_or_path)
+    path = targets_dir / f"{name}.yaml"
+    if path.is_file() and name != ALIASES_FILE.removesuffix(".yaml"):
+        return path
+    valid = available_targets(targets_dir)
+    close = difflib.get_close_matches(name_or_path, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise TargetConfigError(f"unknown target {name_or_path!r}.{hint} Valid targets: {', '.join(valid)}")
+
+
+def load_target(name_or_path: str, targets_dir: Path = TARGETS_DIR) -> TargetProfile:
+    path = resolve_target_path(name_or_path, targets_dir)
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise TargetConfigError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    try:
+        # JSON mode: strict types (no "4" for 4), YAML lists accepted where a tuple is declared.
+        blob = json.dumps(data, default=_not_json)
+        return TargetProfile.model_validate_json(blob)
+    except _NotJson as exc:
+        raise TargetConfigError(f"{path}: {exc}") from None
+    except ValidationError as exc:
+        raise TargetConfigError(_format_errors(path, exc)) from None
+
+
+class _NotJson(TypeError):
+    pass
+
+
+def _not_json(value: object) -> Any:
+    raise _NotJson(f"value {value!r} has YAML type {type(value).__name__}; write it as a plain string or number")
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TargetConfigError(f"{path}: cannot read the profile: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TargetConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def _format_errors(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
+        field = " -> ".join(loc) if loc else "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown field; valid fields here: {', '.join(_valid_fields(err['loc']))}"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] == "value_error" and (m := re.match(r"^([a-z0-9_.]+): (.*)$", msg, re.S)):
+            field = " -> ".join([*loc, *m.group(1).split(".")])
+            msg = m.group(2)
+        elif isinstance(err.get("input"), (str, int, float, bool)) or err.get("input") is None:
+            msg = f"{msg} (got {err.get('input')!r})"
+        lines.append(f"{path}: {field}: {msg}")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: object) -> bool:
+    return part in ("local", "ssh", "adb")
+
+
+def _valid_fields(loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at the parent of `loc` (for an unknown-field message)."""
+    model: Any = TargetProfile
+    tags = {"local": LocalTransport, "ssh": SshTransport, "adb": AdbTransport}
+    for part in loc[:-1]:
+        if part in tags:
+            model = tags[part]
+            continue
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else model
+    return sorted(model.model_fields) if hasattr(model, "model_fields") else []
