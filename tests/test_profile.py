@@ -1,0 +1,69 @@
+"""The benchmark runner on a real .tflite file: real interpreter, real timings, real memory figures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import DeviceError
+from pipeline.stages.profile import RUNNER, BenchSettings, parse_runner_output, profile_local
+
+
+def _tiny_tflite(path: Path) -> Path:
+    """A real float32 .tflite file written with TensorFlow's own converter (a 1x8x8x3 -> 10 conv net)."""
+    code = f"""
+import os; os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf
+tf.random.set_seed(0)
+m = tf.keras.Sequential([tf.keras.Input((8, 8, 3), batch_size=1), tf.keras.layers.Conv2D(8, 3),
+                         tf.keras.layers.GlobalAveragePooling2D(), tf.keras.layers.Dense(10)])
+open({str(path)!r}, "wb").write(tf.lite.TFLiteConverter.from_keras_model(m).convert())
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tflite_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_tflite(tmp_path_factory.mktemp("tfl") / "m.tflite")
+
+
+@pytest.mark.slow
+def test_profile_local_measures(tflite_file: Path) -> None:
+    r = profile_local(tflite_file, BenchSettings(threads=1, warmup=3, runs=50))
+    lat = r["latency_ms"]
+    assert r["runs"] == 50 and r["runtime"] == "ai-edge-litert"
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert lat["std"] >= 0 and lat["mean"] > 0
+    assert r["size_bytes"] == tflite_file.stat().st_size
+    assert r["peak_rss_kib"] > r["model_rss_kib"] >= 0
+    assert r["input"] == {"shape": [1, 8, 8, 3], "dtype": "float32"}
+    assert r["measured"] == "measured on this machine"
+
+
+@pytest.mark.slow
+def test_runner_time_limit_stops_early(tflite_file: Path) -> None:
+    r = profile_local(tflite_file, BenchSettings(threads=1, warmup=0, runs=10_000_000, max_seconds=0.2))
+    assert 1 <= r["runs"] < 10_000_000
+
+
+def test_missing_model_is_a_device_error(tmp_path: Path) -> None:
+    with pytest.raises(DeviceError, match=r"benchmark of nope.tflite failed"):
+        profile_local(tmp_path / "nope.tflite", BenchSettings(threads=1, warmup=0, runs=1))
+
+
+def test_parse_runner_output_quotes_garbage() -> None:
+    with pytest.raises(DeviceError, match=r"printed no result.*Segmentation"):
+        parse_runner_output("Segmentation fault\n", where="pi")
+    assert parse_runner_output('noise\n{"latency_ms": {"p50": 1}}\n', where="x")["latency_ms"]["p50"] == 1
+
+
+def test_runner_is_standalone() -> None:
+    """The device-side runner must not import edgeship: it is copied alone to devices."""
+    text = RUNNER.read_text()
+    assert "import pipeline" not in text and "from pipeline" not in text
+    assert np  # numpy is the runner's only third-party import besides the interpreter
