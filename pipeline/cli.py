@@ -39,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("deploy", help="prune, fine-tune, convert, verify, profile and bundle for a target")
     d.add_argument("--target", required=True, help="target name (rpi, rpi4, rpi5, android, coral, host) or a YAML path")
-    d.add_argument("--model", default="fmnist_cnn",
-                   help="built-in model (fmnist_cnn, efficientnet_lite0) or package.module:factory")
+    d.add_argument(
+        "--model",
+        default="fmnist_cnn",
+        help="built-in model (fmnist_cnn, efficientnet_lite0) or package.module:factory",
+    )
     d.add_argument("--checkpoint", type=Path, help="weights for the model (default: the model's own)")
     d.add_argument("--data", type=Path, help="image folder with train/<class>/ and test/<class>/ (own models)")
     d.add_argument("--calibration", type=Path, help="calibration images (.npz or folder) for int8")
@@ -67,10 +70,12 @@ def _model_spec(args: argparse.Namespace):
         raise UsageError("a user model (--model module:factory) also needs --input-shape, --mean and --std")
     if args.data is None:
         raise UsageError("a user model needs --data DIR with DIR/train/<class>/ and DIR/test/<class>/ images")
-    classes = tuple(sorted(p.name for p in (args.data / "train").iterdir() if p.is_dir())) \
-        if (args.data / "train").is_dir() else ()
-    return user_model_spec(args.model, input_shape=args.input_shape, mean=args.mean, std=args.std,
-                           class_names=classes)
+    classes = (
+        tuple(sorted(p.name for p in (args.data / "train").iterdir() if p.is_dir()))
+        if (args.data / "train").is_dir()
+        else ()
+    )
+    return user_model_spec(args.model, input_shape=args.input_shape, mean=args.mean, std=args.std, class_names=classes)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -83,8 +88,16 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.test_images is not None and args.test_images < 1:
         raise UsageError("--test-images must be at least 1")
     plan = DataPlan(spec, data_dir=args.data, calibration_path=args.calibration, test_limit=args.test_images)
-    req = DeployRequest(target=target, spec=spec, checkpoint=args.checkpoint, data=plan, runs_dir=args.runs_dir,
-                        artifacts_dir=args.artifacts_dir, force=args.force, allow_budget_miss=args.allow_budget_miss)
+    req = DeployRequest(
+        target=target,
+        spec=spec,
+        checkpoint=args.checkpoint,
+        data=plan,
+        runs_dir=args.runs_dir,
+        artifacts_dir=args.artifacts_dir,
+        force=args.force,
+        allow_budget_miss=args.allow_budget_miss,
+    )
     print(f"edgeship: deploying {spec.name} for {target.name} ({target.description})", file=sys.stderr)
     start = time.perf_counter()
 
@@ -101,11 +114,27 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def _summary_table(s) -> str:
     rows = [("variant", "size B", "accuracy", "agreement", "p50 ms", "p99 ms")]
     b = s["baseline"]["tflite"]
-    rows.append((f"unpruned {s['shipped_precision']}", f"{b['size_bytes']:,}", f"{b['accuracy']:.4f}",
-                 f"{b['agreement']:.4f}", f"{b['latency_ms']['p50']:.3f}", f"{b['latency_ms']['p99']:.3f}"))
+    rows.append(
+        (
+            f"unpruned {s['shipped_precision']}",
+            f"{b['size_bytes']:,}",
+            f"{b['accuracy']:.4f}",
+            f"{b['agreement']:.4f}",
+            f"{b['latency_ms']['p50']:.3f}",
+            f"{b['latency_ms']['p99']:.3f}",
+        )
+    )
     for p, v in s["variants"].items():
-        rows.append((f"pruned {p}", f"{v['size_bytes']:,}", f"{v['accuracy']:.4f}", f"{v['agreement']:.4f}",
-                     f"{v['latency_ms']['p50']:.3f}", f"{v['latency_ms']['p99']:.3f}"))
+        rows.append(
+            (
+                f"pruned {p}",
+                f"{v['size_bytes']:,}",
+                f"{v['accuracy']:.4f}",
+                f"{v['agreement']:.4f}",
+                f"{v['latency_ms']['p50']:.3f}",
+                f"{v['latency_ms']['p99']:.3f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     for bud in s["budgets"]:
@@ -130,8 +159,9 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         match args.command:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.artifacts import read_json, run_lock, write_json_atomic
+from pipeline.artifacts import run_lock, write_json_atomic
 from pipeline.data.sources import DataPlan, fingerprint
 from pipeline.errors import BudgetError, CheckpointError
 from pipeline.models.spec import ModelSpec
@@ -84,12 +84,14 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
     if checkpoint is None:
         raise CheckpointError(f"model {spec.name} has no default checkpoint; give --checkpoint PATH")
     if not checkpoint.is_file():
-        raise CheckpointError(f"{checkpoint}: no such checkpoint file; train one with `make baseline` "
-                              f"or give --checkpoint PATH")
+        raise CheckpointError(
+            f"{checkpoint}: no such checkpoint file; train one with `make baseline` or give --checkpoint PATH"
+        )
     records: dict[str, StageRecord] = {}
 
-    def stage(name: str, work: Callable[[Path], Mapping[str, Any]], *, inputs: Mapping[str, Path],
-              config: Mapping[str, Any]) -> StageRecord:
+    def stage(
+        name: str, work: Callable[[Path], Mapping[str, Any]], *, inputs: Mapping[str, Path], config: Mapping[str, Any]
+    ) -> StageRecord:
         rec = run_stage(run_dir, name, work, inputs=inputs, config=config, force=req.force)
         records[name] = rec
         on_stage(name, rec)
@@ -104,8 +106,13 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
         macs, params = count_macs_params(model, _example(spec))
         acc = accuracy(predict(model, spec, data.test), data.test.labels)
         _save(model, out / "model.pt", {"stage": "baseline", "source": str(checkpoint)})
-        return {"macs": macs, "params": params, "accuracy": acc, "test_images": len(data.test),
-                "test_fingerprint": fingerprint(data.test)}
+        return {
+            "macs": macs,
+            "params": params,
+            "accuracy": acc,
+            "test_images": len(data.test),
+            "test_fingerprint": fingerprint(data.test),
+        }
 
     base = stage("baseline", baseline_work, inputs={"checkpoint": checkpoint}, config={**model_cfg, **test_cfg})
     calib_cfg = {"calibration": str(data.calibration_file), "n": t.quantize.calibration_images}
@@ -115,10 +122,8 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
         from pipeline.stages.export_onnx import export_onnx
 
         def export_work(out: Path) -> dict[str, Any]:
-            result = export_onnx(_load(spec, ckpt), spec, out / "model.onnx",
-                                 check_images=data.calibration.images[:8])
-            return {"max_abs_diff_vs_torch": result.max_abs_diff, "opset": result.opset,
-                    "exporter": result.exporter}
+            result = export_onnx(_load(spec, ckpt), spec, out / "model.onnx", check_images=data.calibration.images[:8])
+            return {"max_abs_diff_vs_torch": result.max_abs_diff, "opset": result.opset, "exporter": result.exporter}
 
         onnx = stage(f"export{prefix}", export_work, inputs={"model": ckpt}, config=model_cfg)
 
@@ -133,8 +138,12 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
             )  # fmt: skip
             return {p: {"file": f.path.name, "size_bytes": f.size_bytes} for p, f in files.items()}
 
-        return stage(f"convert{prefix}", convert_work, inputs={"onnx": onnx.path("model.onnx")},
-                     config={"precisions": precisions, "int8_io": t.quantize.int8_io, **calib_cfg})
+        return stage(
+            f"convert{prefix}",
+            convert_work,
+            inputs={"onnx": onnx.path("model.onnx")},
+            config={"precisions": precisions, "int8_io": t.quantize.int8_io, **calib_cfg},
+        )
 
     ship = t.quantize.ship
     conv_base = export_convert("_baseline", base.path("model.pt"), (ship,))
@@ -146,37 +155,68 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
             _save(model, out / "model.pt", {"stage": "prune", "pruned": False})
             return {"enabled": False}
         p = t.pruning
-        result = prune_to_target(model, _example(spec), metric=p.target.metric, keep=p.target.keep,
-                                 channel_multiple=p.channel_multiple, importance=p.importance,
-                                 keep_layers=p.keep_layers, max_ratio=p.max_layer_ratio)
+        result = prune_to_target(
+            model,
+            _example(spec),
+            metric=p.target.metric,
+            keep=p.target.keep,
+            channel_multiple=p.channel_multiple,
+            importance=p.importance,
+            keep_layers=p.keep_layers,
+            max_ratio=p.max_layer_ratio,
+        )
         acc = accuracy(predict(result.model, spec, data.test), data.test.labels)
         _save(result.model, out / "model.pt", {"stage": "prune", **result.figures()})
         return {"enabled": True, **result.figures(), "accuracy_before_finetune": acc}
 
-    pruned = stage("prune", prune_work, inputs={"model": base.path("model.pt")},
-                   config={**t.pruning.model_dump(mode="json"), **test_cfg})
+    pruned = stage(
+        "prune",
+        prune_work,
+        inputs={"model": base.path("model.pt")},
+        config={**t.pruning.model_dump(mode="json"), **test_cfg},
+    )
 
     # 3. recover with distillation from the unpruned model.
     def finetune_work(out: Path) -> dict[str, Any]:
         student = _load(spec, pruned.path("model.pt"))
         teacher = _load(spec, base.path("model.pt"))
         f = t.finetune
-        cfg = FinetuneConfig(epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, temperature=f.temperature,
-                             alpha=f.alpha, max_train_images=f.max_train_images, seed=req.seed)
+        cfg = FinetuneConfig(
+            epochs=f.epochs,
+            lr=f.lr,
+            batch_size=f.batch_size,
+            temperature=f.temperature,
+            alpha=f.alpha,
+            max_train_images=f.max_train_images,
+            seed=req.seed,
+        )
         torch.manual_seed(req.seed)
         result = finetune_kd(student, teacher, spec, data.train, cfg) if t.pruning.enabled else None
         model = result.model if result else student
         macs, params = count_macs_params(model, _example(spec))
         acc = accuracy(predict(model, spec, data.test), data.test.labels)
         _save(model, out / "model.pt", {"stage": "finetune"})
-        return {"accuracy": acc, "macs": macs, "params": params, "steps": result.steps if result else 0,
-                "images_seen": result.images_seen if result else 0,
-                "final_loss": result.final_loss if result else None}
+        return {
+            "accuracy": acc,
+            "macs": macs,
+            "params": params,
+            "steps": result.steps if result else 0,
+            "images_seen": result.images_seen if result else 0,
+            "final_loss": result.final_loss if result else None,
+        }
 
-    tuned = stage("finetune", finetune_work,
-                  inputs={"student": pruned.path("model.pt"), "teacher": base.path("model.pt")},
-                  config={**t.finetune.model_dump(mode="json"), "seed": req.seed, "train": data.describe()["train"],
-                          "pruning": t.pruning.enabled, **test_cfg})
+    tuned = stage(
+        "finetune",
+        finetune_work,
+        inputs={"student": pruned.path("model.pt"), "teacher": base.path("model.pt")},
+        config={
+            **t.finetune.model_dump(mode="json"),
+            "seed": req.seed,
+            "train": data.describe()["train"],
+            "pruning": t.pruning.enabled,
+            **test_cfg,
+        },
+    )
 
     conv = export_convert("", tuned.path("model.pt"), t.quantize.precisions)
 
@@ -185,8 +225,10 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
         from pipeline.stages.verify import check_parity, verify_tflite
 
         reports = {}
-        for label, conv_rec, ckpt in (("pruned", conv, tuned.path("model.pt")),
-                                      ("baseline", conv_base, base.path("model.pt"))):
+        for label, conv_rec, ckpt in (
+            ("pruned", conv, tuned.path("model.pt")),
+            ("baseline", conv_base, base.path("model.pt")),
+        ):
             files = _tflite_records(conv_rec)
             report = verify_tflite(files, _load(spec, ckpt), spec, data.test, threads=t.profiling.threads)
             reports[label] = report.to_dict()
@@ -202,18 +244,32 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
     def profile_work(out: Path) -> dict[str, Any]:
         from pipeline.stages.profile import BenchSettings, profile_local
 
-        s = BenchSettings(threads=min(t.profiling.threads, _host_cores()), warmup=t.profiling.warmup,
-                          runs=t.profiling.runs)
+        s = BenchSettings(
+            threads=min(t.profiling.threads, _host_cores()), warmup=t.profiling.warmup, runs=t.profiling.runs
+        )
         results = {name: profile_local(path, s) for name, path in tfl_inputs.items()}
         write_json_atomic(out / "profile.json", results)
         return results
 
-    prof = stage("profile", profile_work, inputs=tfl_inputs,
-                 config={**t.profiling.model_dump(mode="json"), "host": platform.node(), "cores": _host_cores()})
+    prof = stage(
+        "profile",
+        profile_work,
+        inputs=tfl_inputs,
+        config={**t.profiling.model_dump(mode="json"), "host": platform.node(), "cores": _host_cores()},
+    )
 
-    summary = bundle_stage.summarize(req, records={"baseline": base, "prune": pruned, "finetune": tuned,
-                                                   "verify": ver, "profile": prof, "convert": conv,
-                                                   "convert_baseline": conv_base})
+    summary = bundle_stage.summarize(
+        req,
+        records={
+            "baseline": base,
+            "prune": pruned,
+            "finetune": tuned,
+            "verify": ver,
+            "profile": prof,
+            "convert": conv,
+            "convert_baseline": conv_base,
+        },
+    )
     report_path = run_dir / "report.md"
     bundle_stage.write_report(summary, report_path)
     misses = [b for b in summary["budgets"] if b["status"] == "missed"]
@@ -224,7 +280,30 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
             f"{req.artifacts_dir / t.name}; see {report_path}. Relax the budget in the profile, prune less "
             f"(pruning.target.keep), fine-tune longer, or pass --allow-budget-miss to ship it anyway."
         )
-    bundle_dir = bundle_stage.publish(summary, conv, req.artifacts_dir / t.name, report_path=report_path)
+    shipped = _tflite_records(conv)[ship]
+    io = {
+        "layout": "NHWC",
+        "input": {
+            "shape": list(shipped.input_shape),
+            "dtype": shipped.input_dtype,
+            "quantization": shipped.input_quantization,
+        },
+        "output": {
+            "shape": list(shipped.output_shape),
+            "dtype": shipped.output_dtype,
+            "quantization": shipped.output_quantization,
+        },
+    }
+    spec_meta = {
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "class_names": list(spec.class_names),
+        "normalization": "x = (pixel / 255 - mean) / std, then quantized with input.quantization "
+        "(q = round(x / scale) + zero_point) when the input is integer",
+    }
+    bundle_dir = bundle_stage.publish(
+        summary, conv, req.artifacts_dir / t.name, report_path=report_path, spec_meta=spec_meta, io=io
+    )
     return DeployResult(bundle_dir, bundle_dir / "report.md", summary)
 
 
@@ -244,7 +323,3 @@ def _tflite_records(rec: StageRecord):
     from pipeline.stages.convert_tflite import describe_tflite
 
     return {p: describe_tflite(p, rec.path(v["file"])) for p, v in rec.figures.items()}
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    return read_json(run_dir / "summary.json")

@@ -60,9 +60,8 @@ class StageRecord:
 
 def stage_key(name: str, inputs: Mapping[str, Path], config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     hashed = {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in sorted(inputs.items())}
-    key = sha256_json(
-        {"stage": name, "inputs": {k: v["sha256"] for k, v in hashed.items()}, "config": config, "tools": tool_versions()}
-    )
+    digests = {k: v["sha256"] for k, v in hashed.items()}
+    key = sha256_json({"stage": name, "inputs": digests, "config": config, "tools": tool_versions()})
     return key, hashed
 
 

@@ -21,13 +21,25 @@ class TinyResNet(nn.Module):
     def __init__(self, width: int = 16, classes: int = 10) -> None:
         super().__init__()
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-                                  nn.MaxPool2d(2))
-        self.body = nn.Sequential(nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
-                                  nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w))
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.body = nn.Sequential(
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+        )
         self.short = nn.Sequential(nn.Conv2d(w, 2 * w, 1, bias=False), nn.BatchNorm2d(2 * w))
-        self.head = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, classes))
+        self.head = nn.Sequential(
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * w, classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -48,5 +60,6 @@ def has_fashion_mnist() -> bool:
     return (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()
 
 
-needs_fmnist = pytest.mark.skipif(not has_fashion_mnist(),
-                                  reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+needs_fmnist = pytest.mark.skipif(
+    not has_fashion_mnist(), reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist"
+)

@@ -57,8 +57,7 @@ def test_importance_keeps_the_strongest_channels(tiny_model: nn.Module) -> None:
 
 
 def test_keep_layers_are_left_alone(tiny_model: nn.Module) -> None:
-    result = prune_to_target(tiny_model, EXAMPLE, metric="macs", keep=0.6, channel_multiple=4,
-                             keep_layers=["stem.0"])
+    result = prune_to_target(tiny_model, EXAMPLE, metric="macs", keep=0.6, channel_multiple=4, keep_layers=["stem.0"])
     assert result.model.stem[0].out_channels == 16
     assert "stem.0" not in prunable_groups(tiny_model, EXAMPLE, keep_layers=["stem.0"])
 

@@ -81,7 +81,8 @@ def test_kill_mid_stage_then_resume(tmp_path: Path) -> None:
     """A process killed with SIGKILL inside a stage leaves no finished-looking folder; a rerun completes it."""
     run = tmp_path / "run"
     script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
         sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
@@ -95,7 +96,8 @@ def test_kill_mid_stage_then_resume(tmp_path: Path) -> None:
             return {{}}
         src = Path({str(tmp_path / "in.txt")!r}); src.write_text("in")
         run_stage(Path({str(run)!r}), "s", work, inputs={{"src": src}}, config={{}})
-    """))
+    """)
+    )
     proc = subprocess.Popen([sys.executable, str(script), "hang"])
     deadline = time.time() + 30
     while not (tmp_path / "started").exists() and time.time() < deadline:
@@ -131,15 +133,19 @@ def test_replace_dir(tmp_path: Path) -> None:
 
 
 def test_second_run_of_same_target_refuses(tmp_path: Path) -> None:
-    code = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); "
-            f"from pipeline.artifacts import run_lock; from pathlib import Path\n"
-            f"with run_lock(Path({str(tmp_path)!r})):\n    print('locked', flush=True); time.sleep(30)")
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); "
+        f"from pipeline.artifacts import run_lock; from pathlib import Path\n"
+        f"with run_lock(Path({str(tmp_path)!r})):\n    print('locked', flush=True); time.sleep(30)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(LockError, match=rf"another edgeship run is using .* \(pid {proc.pid}\)"):
-            with run_lock(tmp_path):
-                pass
+        with (
+            pytest.raises(LockError, match=rf"another edgeship run is using .* \(pid {proc.pid}\)"),
+            run_lock(tmp_path),
+        ):
+            pass
     finally:
         proc.kill()
         proc.wait()

@@ -49,8 +49,9 @@ def _interpreter_class():
             errors.append(f"{module}: {exc}")
             continue
         return mod.Interpreter, version_of, _version(version_of)
-    raise SystemExit("no TFLite interpreter on this device: pip install ai-edge-litert (or tflite-runtime); "
-                     + "; ".join(errors))
+    raise SystemExit(
+        "no TFLite interpreter on this device: pip install ai-edge-litert (or tflite-runtime); " + "; ".join(errors)
+    )
 
 
 def _version(dist: str) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import __version__
 from pipeline.artifacts import fresh_temp_dir, replace_dir, sha256_file, write_json_atomic, write_text_atomic
 from pipeline.runner import StageRecord, tool_versions
 
@@ -87,20 +88,48 @@ def _budgets(t: Any, *, base_acc: float, shipped: Mapping[str, Any], on_device: 
     b = t.budgets
     rows = []
     drop = base_acc - shipped["accuracy"]
-    rows.append({"name": "accuracy drop", "limit": b.max_accuracy_drop, "value": round(drop, 4),
-                 "status": "met" if drop <= b.max_accuracy_drop else "missed", "note": "vs unpruned PyTorch"})
+    rows.append(
+        {
+            "name": "accuracy drop",
+            "limit": b.max_accuracy_drop,
+            "value": round(drop, 4),
+            "status": "met" if drop <= b.max_accuracy_drop else "missed",
+            "note": "vs unpruned PyTorch",
+        }
+    )
     if b.max_size_kb is not None:
         kb = shipped["size_bytes"] / 1024
-        rows.append({"name": "size (KiB)", "limit": b.max_size_kb, "value": round(kb, 1),
-                     "status": "met" if kb <= b.max_size_kb else "missed", "note": "shipped model.tflite"})
+        rows.append(
+            {
+                "name": "size (KiB)",
+                "limit": b.max_size_kb,
+                "value": round(kb, 1),
+                "status": "met" if kb <= b.max_size_kb else "missed",
+                "note": "shipped model.tflite",
+            }
+        )
     if b.latency_ms is not None:
         p50 = shipped["latency_ms"]["p50"]
         if on_device:
-            rows.append({"name": "latency p50 (ms)", "limit": b.latency_ms, "value": p50,
-                         "status": "met" if p50 <= b.latency_ms else "missed", "note": shipped["measured_on"]})
+            rows.append(
+                {
+                    "name": "latency p50 (ms)",
+                    "limit": b.latency_ms,
+                    "value": p50,
+                    "status": "met" if p50 <= b.latency_ms else "missed",
+                    "note": shipped["measured_on"],
+                }
+            )
         else:
-            rows.append({"name": "latency p50 (ms)", "limit": b.latency_ms, "value": p50, "status": "not checked",
-                         "note": f"measured on {shipped['measured_on']}, not on a {t.name} device"})
+            rows.append(
+                {
+                    "name": "latency p50 (ms)",
+                    "limit": b.latency_ms,
+                    "value": p50,
+                    "status": "not checked",
+                    "note": f"measured on {shipped['measured_on']}, not on a {t.name} device",
+                }
+            )
     return rows
 
 
@@ -124,7 +153,7 @@ def render_report(s: Mapping[str, Any]) -> str:
         "",
         "## Before / after",
         "",
-        f"| | unpruned | pruned + fine-tuned | after / before |",
+        "| | unpruned | pruned + fine-tuned | after / before |",
         "|---|---|---|---|",
         f"| parameters | {base['params']:,} | {pr['params']:,} | {_ratio(pr['params'], base['params'])} |",
         f"| MACs | {base['macs']:,} | {pr['macs']:,} | {_ratio(pr['macs'], base['macs'])} |",
@@ -179,12 +208,26 @@ def write_report(summary: Mapping[str, Any], path: Path) -> None:
 
 
 def _metadata(summary: Mapping[str, Any], req_spec: Mapping[str, Any], io: Mapping[str, Any]) -> dict[str, Any]:
-    return {"format": "edgeship-metadata/1", "target": summary["target"], "model": summary["model"],
-            "precision": summary["shipped_precision"], **req_spec, **io}
+    return {
+        "format": "edgeship-metadata/1",
+        "target": summary["target"],
+        "model": summary["model"],
+        "precision": summary["shipped_precision"],
+        "edgeship_version": __version__,
+        **req_spec,
+        **io,
+    }
 
 
-def publish(summary: Mapping[str, Any], conv: StageRecord, dest: Path, *, report_path: Path,
-            spec_meta: Mapping[str, Any], io: Mapping[str, Any]) -> Path:
+def publish(
+    summary: Mapping[str, Any],
+    conv: StageRecord,
+    dest: Path,
+    *,
+    report_path: Path,
+    spec_meta: Mapping[str, Any],
+    io: Mapping[str, Any],
+) -> Path:
     """Write the bundle into a temporary folder beside `dest`, then rename it into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_temp_dir(dest.parent, dest.name)
@@ -196,8 +239,11 @@ def publish(summary: Mapping[str, Any], conv: StageRecord, dest: Path, *, report
     (tmp / "labels.txt").write_text("\n".join(spec_meta["class_names"]) + "\n", encoding="utf-8")
     write_json_atomic(tmp / "metadata.json", _metadata(summary, spec_meta, io))
     shutil.copyfile(report_path, tmp / "report.md")
-    files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {
+        str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
     manifest = {"format": "edgeship-bundle/1", "files": files, "summary": summary}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     replace_dir(tmp, dest)

@@ -56,7 +56,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random shifts of up to 2 pixels (pad + crop): cheap, label-preserving for any image task."""
-    n, _, h, w = x.shape
+    _n, _, h, w = x.shape
     padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
     dy, dx = torch.randint(0, 5, (2,), generator=gen).tolist()
     return padded[:, :, dy : dy + h, dx : dx + w]
@@ -93,8 +93,9 @@ def finetune_kd(
             with torch.no_grad():
                 t_logits = teacher(x)
             s_logits = student(x)
-            kd = F.kl_div(F.log_softmax(s_logits / t, 1), F.log_softmax(t_logits / t, 1), reduction="batchmean",
-                          log_target=True) * (t * t)
+            kd = F.kl_div(
+                F.log_softmax(s_logits / t, 1), F.log_softmax(t_logits / t, 1), reduction="batchmean", log_target=True
+            ) * (t * t)
             loss = alpha * kd
             if alpha < 1.0:
                 y = torch.from_numpy(data.labels[idx]).long()

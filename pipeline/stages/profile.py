@@ -55,8 +55,9 @@ def profile_local(model: Path, settings: BenchSettings, *, timeout_s: float = 60
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
-        raise DeviceError(f"benchmark of {model.name} on this machine took over {timeout_s:.0f} s; "
-                          f"lower profiling.runs") from None
+        raise DeviceError(
+            f"benchmark of {model.name} on this machine took over {timeout_s:.0f} s; lower profiling.runs"
+        ) from None
     if proc.returncode != 0:
         raise DeviceError(f"benchmark of {model.name} failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
     result = parse_runner_output(proc.stdout, where="this machine")

@@ -103,8 +103,14 @@ def _importance(kind: str) -> tp.importance.Importance:
     raise PruningError(f"pruning.importance: unknown importance {kind!r}; valid: l1, l2")
 
 
-def _pruner(model: nn.Module, example: torch.Tensor, *, importance: str, keep_layers: Sequence[str],
-            ratio_dict: dict[nn.Module, float] | None = None) -> tp.pruner.MetaPruner:
+def _pruner(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    importance: str,
+    keep_layers: Sequence[str],
+    ratio_dict: dict[nn.Module, float] | None = None,
+) -> tp.pruner.MetaPruner:
     ignored = output_layers(model, example) + resolve_keep_layers(model, keep_layers)
     try:
         return tp.pruner.MetaPruner(
@@ -123,15 +129,14 @@ def _pruner(model: nn.Module, example: torch.Tensor, *, importance: str, keep_la
         ) from exc
 
 
-def prunable_groups(
-    model: nn.Module, example: torch.Tensor, *, keep_layers: Sequence[str] = ()
-) -> dict[str, int]:
+def prunable_groups(model: nn.Module, example: torch.Tensor, *, keep_layers: Sequence[str] = ()) -> dict[str, int]:
     """Each prunable group of coupled layers, named by its root layer, with its output channel count."""
     pruner = _pruner(model.eval(), example, importance="l2", keep_layers=keep_layers)
     names = {m: n for n, m in model.named_modules()}
     groups = {}
-    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                          root_module_types=pruner.root_module_types):
+    for group in pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    ):
         root = group[0].dep.target.module
         if pruner.DG.is_out_channel_pruning_fn(group[0].dep.handler):
             groups[names[root]] = int(pruner.DG.get_out_channels(root))

@@ -1,0 +1,201 @@
+"""The whole chain on a tiny seeded model and real Fashion-MNIST, through the real tools (onnx2tf included)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from pipeline.artifacts import sha256_file
+from pipeline.data.sources import DataPlan
+from pipeline.deploy import DeployRequest, deploy
+from pipeline.errors import BudgetError
+from pipeline.models.spec import ModelSpec
+from pipeline.targets import TARGETS_DIR, load_target
+from tests.conftest import needs_fmnist, tiny_resnet
+
+pytestmark = [pytest.mark.slow, needs_fmnist]
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+SPEC = ModelSpec(
+    name="tiny_resnet", build=tiny_resnet, input_shape=(1, 28, 28), mean=(0.2860,), std=(0.3530,), class_names=CLASSES
+)
+STAGES = [
+    "baseline",
+    "export_baseline",
+    "convert_baseline",
+    "prune",
+    "finetune",
+    "export",
+    "convert",
+    "verify",
+    "profile",
+]
+
+
+def _profile(tmp: Path, **budgets: float) -> Path:
+    data = yaml.safe_load((TARGETS_DIR / "host.yaml").read_text())
+    data["name"] = "tinyhost"
+    data["budgets"] = {"max_accuracy_drop": 0.15, "max_size_kb": 1024, "latency_ms": 1000.0, **budgets}
+    data["pruning"]["target"] = {"metric": "macs", "keep": 0.5}
+    data["pruning"]["channel_multiple"] = 4
+    data["finetune"] = {"epochs": 1, "max_train_images": 2048, "batch_size": 64, "lr": 0.003}
+    data["quantize"]["calibration_images"] = 64
+    data["profiling"] = {"threads": 1, "warmup": 3, "runs": 30}
+    path = tmp / "tinyhost.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _train_tiny(path: Path) -> None:
+    from pipeline.data.fashion_mnist import load_fashion_mnist
+    from pipeline.models.checkpoint import save_checkpoint
+
+    train = load_fashion_mnist("train").subset(6000, seed=3)
+    model = tiny_resnet().train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = np.random.default_rng(0)
+    for _ in range(150):
+        idx = gen.integers(0, len(train), 64)
+        loss = F.cross_entropy(model(SPEC.to_tensor(train.images[idx])), torch.from_numpy(train.labels[idx]).long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_checkpoint(model.eval(), path, meta={"model": "tiny_resnet"})
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("deploy")
+    ckpt = tmp / "tiny.pt"
+    _train_tiny(ckpt)
+    profile = _profile(tmp)
+
+    def request(profile_path: Path = profile, **kw) -> DeployRequest:
+        plan = DataPlan(SPEC, test_limit=600)
+        return DeployRequest(
+            target=load_target(str(profile_path)),
+            spec=SPEC,
+            checkpoint=ckpt,
+            data=plan,
+            runs_dir=tmp / "runs",
+            artifacts_dir=tmp / "artifacts",
+            **kw,
+        )
+
+    seen: list[tuple[str, bool]] = []
+    result = deploy(request(), lambda name, rec: seen.append((name, rec.skipped)))
+    return {"tmp": tmp, "ckpt": ckpt, "request": request, "result": result, "seen": seen}
+
+
+def test_every_stage_ran_once_in_order(workspace: dict) -> None:
+    assert workspace["seen"] == [(s, False) for s in STAGES]
+
+
+def test_bundle_is_whole_and_checksummed(workspace: dict) -> None:
+    bundle = workspace["result"].bundle
+    names = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
+    assert names == [
+        "labels.txt",
+        "manifest.json",
+        "metadata.json",
+        "model.tflite",
+        "report.md",
+        "variants/model_fp16.tflite",
+        "variants/model_fp32.tflite",
+        "variants/model_int8.tflite",
+    ]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for rel, entry in manifest["files"].items():
+        assert sha256_file(bundle / rel) == entry["sha256"]
+        assert (bundle / rel).stat().st_size == entry["bytes"]
+    assert manifest["summary"]["tools"]["onnx2tf"] == "1.29.24"
+    assert manifest["summary"]["profile"]["name"] == "tinyhost"
+    assert (bundle / "labels.txt").read_text().splitlines() == list(CLASSES)
+    assert sha256_file(bundle / "model.tflite") == sha256_file(bundle / "variants/model_int8.tflite")
+    assert not list(bundle.parent.glob(".*tmp"))
+
+
+def test_metadata_describes_the_shipped_model(workspace: dict) -> None:
+    from pipeline.tflite import tflite_io_details
+
+    bundle = workspace["result"].bundle
+    meta = json.loads((bundle / "metadata.json").read_text())
+    io = tflite_io_details(bundle / "model.tflite")
+    assert meta["precision"] == "int8" and meta["layout"] == "NHWC"
+    assert meta["input"]["shape"] == [1, 28, 28, 1] == list(io["input"]["shape"])
+    assert meta["input"]["dtype"] == "int8"
+    scale, zero = meta["input"]["quantization"]
+    assert scale > 0 and -128 <= zero <= 127
+    assert meta["mean"] == [0.2860] and meta["std"] == [0.3530] and meta["class_names"] == list(CLASSES)
+
+
+def test_figures_are_measured(workspace: dict) -> None:
+    s = workspace["result"].summary
+    base, pruned = s["baseline"], s["pruned"]
+    assert pruned["macs"] <= 0.5 * base["macs"] and pruned["params"] < base["params"]
+    assert base["accuracy_torch"] > 0.6  # a model that learned something from real data
+    assert pruned["accuracy_torch"] >= pruned["accuracy_torch_before_finetune"] - 0.02
+    v = s["variants"]
+    assert v["fp32"]["agreement"] == 1.0 and v["fp32"]["max_abs_diff"] < 1e-3
+    assert v["fp16"]["agreement"] >= 0.98
+    assert v["int8"]["agreement"] >= 0.9
+    assert abs(v["int8"]["accuracy"] - pruned["accuracy_torch"]) < 0.05
+    assert v["int8"]["size_bytes"] < v["fp32"]["size_bytes"] / 2.5
+    for variant in (*v.values(), base["tflite"]):
+        lat = variant["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+    statuses = {b["name"]: b["status"] for b in s["budgets"]}
+    assert statuses["accuracy drop"] == "met" and statuses["size (KiB)"] == "met"
+
+
+def test_report_compares_before_and_after(workspace: dict) -> None:
+    s = workspace["result"].summary
+    text = (workspace["result"].bundle / "report.md").read_text()
+    assert f"| parameters | {s['baseline']['params']:,} | {s['pruned']['params']:,} |" in text
+    assert "| int8 latency p50 |" in text and "top-1 agreement" in text
+    assert "## Budgets" in text and "## Channels per layer" in text
+
+
+def test_rerun_skips_everything_and_ships_the_same_model(workspace: dict) -> None:
+    bundle = workspace["result"].bundle
+    before = sha256_file(bundle / "model.tflite")
+    seen: list[tuple[str, bool]] = []
+    deploy(workspace["request"](), lambda name, rec: seen.append((name, rec.skipped)))
+    assert seen == [(s, True) for s in STAGES]
+    assert sha256_file(bundle / "model.tflite") == before
+
+
+def test_missed_budget_publishes_nothing(workspace: dict) -> None:
+    bundle = workspace["result"].bundle
+    manifest_before = (bundle / "manifest.json").read_bytes()
+    strict = _profile(
+        workspace["tmp"] / "strict" if (workspace["tmp"] / "strict").mkdir() is None else None, max_size_kb=1
+    )
+    with pytest.raises(BudgetError, match=r"misses its budget \(size \(KiB\): .* vs limit 1\).*Nothing was published"):
+        deploy(workspace["request"](strict))
+    assert (bundle / "manifest.json").read_bytes() == manifest_before
+    report = workspace["tmp"] / "runs" / "tinyhost" / "report.md"
+    assert "**missed**" in report.read_text()
+
+
+def test_cli_reports_a_broken_checkpoint(workspace: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(workspace["ckpt"].read_bytes()[:1000])
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "deploy", "--target", "host", "--checkpoint", str(bad),
+         "--runs-dir", str(tmp_path / "runs"), "--artifacts-dir", str(tmp_path / "art")],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "edgeship: error:" in proc.stderr and str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "art").exists()
