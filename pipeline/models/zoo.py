@@ -1,0 +1,91 @@
+"""Built-in models and users' own (`package.module:factory`)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+
+from torch import nn
+
+from pipeline.errors import UsageError
+from pipeline.models.spec import ModelSpec
+
+
+def _fmnist_cnn() -> ModelSpec:
+    from pipeline.data.fashion_mnist import CLASS_NAMES
+    from pipeline.models.fmnist_cnn import build
+
+    return ModelSpec(
+        name="fmnist_cnn",
+        build=build,
+        input_shape=(1, 28, 28),
+        mean=(0.2860,),
+        std=(0.3530,),
+        class_names=CLASS_NAMES,
+        default_checkpoint="models/fmnist_cnn.pt",
+    )
+
+
+def _efficientnet_lite0() -> ModelSpec:
+    from pipeline.models.efficientnet_lite0 import build_pretrained
+
+    # The weights package ships no class names and nothing installed offline does: indices stand in.
+    names = tuple(f"imagenet_{i}" for i in range(1000))
+    return ModelSpec(
+        name="efficientnet_lite0",
+        build=build_pretrained,
+        input_shape=(3, 224, 224),
+        mean=(127 / 255,) * 3,
+        std=(128 / 255,) * 3,
+        class_names=names,
+        default_checkpoint=None,
+    )
+
+
+BUILTIN: dict[str, Callable[[], ModelSpec]] = {"fmnist_cnn": _fmnist_cnn, "efficientnet_lite0": _efficientnet_lite0}
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    if name in BUILTIN:
+        return BUILTIN[name]()
+    close = difflib.get_close_matches(name, list(BUILTIN), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UsageError(
+        f"unknown model {name!r}.{hint} Built-in models: {', '.join(BUILTIN)}; "
+        f"or give your own as package.module:factory"
+    )
+
+
+def load_factory(ref: str) -> Callable[[], nn.Module]:
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"model {ref!r}: expected package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"model {ref!r}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"model {ref!r}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def user_model_spec(
+    ref: str,
+    *,
+    input_shape: tuple[int, int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    class_names: tuple[str, ...],
+) -> ModelSpec:
+    factory = load_factory(ref)
+    c = input_shape[0]
+    if len(mean) not in (1, c) or len(std) not in (1, c):
+        raise UsageError(f"--mean/--std need 1 or {c} values for a {c}-channel input")
+    if any(s <= 0 for s in std):
+        raise UsageError("--std values must be positive")
+    mean, std = (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
+    return ModelSpec(
+        name=ref.replace(":", "."), build=factory, input_shape=input_shape, mean=mean, std=std, class_names=class_names
+    )
