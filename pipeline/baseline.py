@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random shift (pad 2 + crop) and horizontal flip, per batch."""
-    n, _, h, w = x.shape
+    _, _, h, w = x.shape
     dy, dx, flip = torch.randint(0, 5, (3,), generator=gen).tolist()
     x = F.pad(x, (2, 2, 2, 2), mode="replicate")[:, :, dy : dy + h, dx : dx + w]
     return x.flip(3) if flip % 2 else x

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +56,18 @@ def _read(path: Path) -> Any:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except Exception as exc:  # torch.load raises many types for bad bytes; tell unsafe from corrupt
+        text = str(exc)
+        if "Weights only load failed" in text and ("GLOBAL" in text or "Unsupported" in text):
+            reason = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+            raise CheckpointError(
+                f"{path}: refused: the file is not plain weights, it asks to run or import code ({reason[:200]}). "
+                f"Save a state_dict instead: torch.save(model.state_dict(), path)"
+            ) from None
         raise CheckpointError(
-            f"{path}: refused: the file is not plain weights (it asks to run or import code: "
-            f"{str(exc).splitlines()[0][:200]}). Save a state_dict with torch.save(model.state_dict(), path)"
+            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({type(exc).__name__}: "
+            f"{text.splitlines()[0][:200] if text else ''})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({exc})") from None
 
 
 def _reshape(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> None:
