@@ -49,7 +49,7 @@ def test_wrong_magic_and_bad_gzip(tmp_path: Path) -> None:
         read_idx(path, magic=0x803)
     bad = tmp_path / "b.gz"
     bad.write_bytes(b"\x1f\x8b\x08garbage")
-    with pytest.raises(DatasetError, match="b.gz: corrupt gzip file"):
+    with pytest.raises(DatasetError, match=r"b\.gz: corrupt gzip file"):
         read_idx(bad, magic=0x803)
 
 
@@ -110,7 +110,7 @@ def test_calibration_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="must be uint8"):
         load_calibration(tmp_path / "float.npz")
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(DatasetError, match="not a readable .npz"):
+    with pytest.raises(DatasetError, match=r"not a readable \.npz"):
         load_calibration(tmp_path / "junk.npz")
 
 

@@ -113,7 +113,7 @@ def test_user_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         load_factory("nonexistent_mod:make")
     with pytest.raises(UsageError, match="has no callable 'nope'"):
         load_factory("mynets:nope")
-    with pytest.raises(UsageError, match="expected package.module:factory"):
+    with pytest.raises(UsageError, match=r"expected package\.module:factory"):
         load_factory("mynets")
     sys.modules.pop("mynets", None)
 
