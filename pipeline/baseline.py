@@ -43,7 +43,7 @@ def train(epochs: int, *, seed: int, batch_size: int, lr: float) -> tuple[torch.
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc="train fmnist_cnn", unit="step")
+    bar = tqdm(total=steps, desc="train fmnist_cnn", unit="step", disable=None)
     for _ in range(epochs):
         order = torch.randperm(len(train_set), generator=gen).numpy()
         for i in range(0, len(order) - batch_size + 1, batch_size):
@@ -70,7 +70,7 @@ def train(epochs: int, *, seed: int, batch_size: int, lr: float) -> tuple[torch.
         "batch_size": batch_size,
         "lr": lr,
         "train_seconds": round(seconds, 1),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
     }
     return model, figures

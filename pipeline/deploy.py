@@ -238,7 +238,7 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
 
     tfl_inputs = {f"{p}": conv.path(f"model_{p}.tflite") for p in t.quantize.precisions}
     tfl_inputs["baseline"] = conv_base.path(f"model_{ship}.tflite")
-    ver = stage("verify", verify_work, inputs={**tfl_inputs, "model": tuned.path("model.pt")}, config=test_cfg)
+    stage("verify", verify_work, inputs={**tfl_inputs, "model": tuned.path("model.pt")}, config=test_cfg)
 
     # 5. profile every TFLite file (here: on this machine).
     def profile_work(out: Path) -> dict[str, Any]:
@@ -251,25 +251,16 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
         write_json_atomic(out / "profile.json", results)
         return results
 
-    prof = stage(
+    from pipeline.stages.profile import RUNNER
+
+    stage(
         "profile",
         profile_work,
-        inputs=tfl_inputs,
+        inputs={**tfl_inputs, "runner": RUNNER},
         config={**t.profiling.model_dump(mode="json"), "host": platform.node(), "cores": _host_cores()},
     )
 
-    summary = bundle_stage.summarize(
-        req,
-        records={
-            "baseline": base,
-            "prune": pruned,
-            "finetune": tuned,
-            "verify": ver,
-            "profile": prof,
-            "convert": conv,
-            "convert_baseline": conv_base,
-        },
-    )
+    summary = bundle_stage.summarize(req, records=records)
     report_path = run_dir / "report.md"
     bundle_stage.write_report(summary, report_path)
     misses = [b for b in summary["budgets"] if b["status"] == "missed"]

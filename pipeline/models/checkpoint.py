@@ -9,6 +9,7 @@ strictly. A plain state_dict (what users have) is accepted for unpruned models.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ def _shape_of(module: nn.Module) -> dict[str, Any] | None:
 def save_checkpoint(model: nn.Module, path: Path, *, meta: dict[str, Any]) -> None:
     shapes = {name: s for name, m in model.named_modules() if (s := _shape_of(m)) is not None}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    blob = {"format": FORMAT, "state_dict": state, "shapes": shapes, "meta": meta}
+    plain_meta = json.loads(json.dumps(meta, default=str))  # plain types only: weights_only loading reads it
+    blob = {"format": FORMAT, "state_dict": state, "shapes": shapes, "meta": plain_meta}
     buf = io.BytesIO()
     torch.save(blob, buf)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,21 +18,30 @@ import sys
 import time
 
 
-def _rss_kib() -> int:
-    """Current resident set size in KiB (Linux /proc; 0 where unavailable)."""
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status in KiB (Linux; 0 where unavailable)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
 
 
+def _rss_kib() -> int:
+    return _status_kib("VmRSS")
+
+
 def _peak_rss_kib() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak // 1024) if sys.platform == "darwin" else int(peak)
+    """Peak resident set size since exec. VmHWM, not ru_maxrss: after fork+exec, ru_maxrss can still report
+    the parent's peak (a 700 MB PyTorch parent made a 46 MB benchmark look like 700 MB)."""
+    peak = _status_kib("VmHWM")
+    if peak:
+        return peak
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(usage // 1024) if sys.platform == "darwin" else int(usage)
 
 
 def _interpreter_class():

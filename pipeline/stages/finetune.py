@@ -81,7 +81,7 @@ def finetune_kd(
     student.train()
     loss_val = float("nan")
     seen = 0
-    bar = tqdm(total=total, desc="fine-tune (distillation)", unit="step", leave=False)
+    bar = tqdm(total=total, desc="fine-tune (distillation)", unit="step", leave=False, disable=None)
     step = 0
     while step < total:
         order = torch.randperm(len(data), generator=gen).numpy()

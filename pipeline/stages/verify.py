@@ -104,7 +104,7 @@ def _run_file(rec: TfliteFile, images_nhwc: np.ndarray, *, threads: int) -> tupl
         unit="img",
         file=sys.stderr,
         leave=False,
-        disable=len(images_nhwc) < PROGRESS_MIN_IMAGES,
+        disable=True if len(images_nhwc) < PROGRESS_MIN_IMAGES else None,  # None: off when not a terminal
     ) as bar:
         logits = run_batch(interp, images_nhwc, progress=bar.update)
     return logits, uses_xnnpack(interp)
