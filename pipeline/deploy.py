@@ -245,7 +245,10 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
         from pipeline.stages.profile import BenchSettings, profile_local
 
         s = BenchSettings(
-            threads=min(t.profiling.threads, _host_cores()), warmup=t.profiling.warmup, runs=t.profiling.runs
+            threads=min(t.profiling.threads, _host_cores()),
+            warmup=t.profiling.warmup,
+            runs=t.profiling.runs,
+            min_seconds=t.profiling.min_seconds,
         )
         results = {name: profile_local(path, s) for name, path in tfl_inputs.items()}
         write_json_atomic(out / "profile.json", results)

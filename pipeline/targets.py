@@ -95,6 +95,7 @@ class Profiling(_Frozen):
     threads: int = Field(default=2, ge=1, le=256)
     warmup: int = Field(default=20, ge=0, le=10_000)
     runs: int = Field(default=200, ge=1, le=1_000_000)
+    min_seconds: float = Field(default=2.0, ge=0, le=600)  # keep timing fast models at least this long
 
 
 class LocalTransport(_Frozen):

@@ -49,7 +49,7 @@ def _profile(tmp: Path, **budgets: float) -> Path:
     data["pruning"]["channel_multiple"] = 4
     data["finetune"] = {"epochs": 1, "max_train_images": 2048, "batch_size": 64, "lr": 0.003}
     data["quantize"]["calibration_images"] = 64
-    data["profiling"] = {"threads": 1, "warmup": 3, "runs": 30}
+    data["profiling"] = {"threads": 1, "warmup": 3, "runs": 30, "min_seconds": 0.0}
     path = tmp / "tinyhost.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

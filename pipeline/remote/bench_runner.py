@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop the timed runs after this long")
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=0.0,
+        help="keep timing past --runs until this long has passed (steadier percentiles for fast models)",
+    )
     p.add_argument("--cpus", default="", help="pin to these CPUs (comma list), where the OS allows it")
     args = p.parse_args(argv)
 
@@ -125,12 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.warmup):
         interp.invoke()
     times = []
-    deadline = time.perf_counter() + args.max_seconds
-    for _ in range(args.runs):
+    start = time.perf_counter()
+    deadline, floor = start + args.max_seconds, start + min(args.min_seconds, args.max_seconds)
+    while True:
         s = time.perf_counter()
         interp.invoke()
-        times.append((time.perf_counter() - s) * 1000)
-        if time.perf_counter() > deadline:
+        now = time.perf_counter()
+        times.append((now - s) * 1000)
+        if now > deadline or (len(times) >= args.runs and now >= floor):
             break
     out = interp.get_output_details()[0]
     interp.get_tensor(out["index"])
