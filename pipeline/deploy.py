@@ -148,32 +148,46 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
     ship = t.quantize.ship
     conv_base = export_convert("_baseline", base.path("model.pt"), (ship,))
 
-    # 2. prune to the profile's MAC/parameter target.
+    # 2. prune to the profile's MAC/parameter target, or to its latency budget through a measured table.
+    by_latency = t.pruning.enabled and t.pruning.target.metric == "latency"
+    prune_inputs = {"model": base.path("model.pt")}
+    if by_latency:
+        table_rec = _latency_table_stage(stage, req, spec, base.path("model.pt"))
+        prune_inputs |= {"table": table_rec.path("table.json"), "baseline": conv_base.path(f"model_{ship}.tflite")}
+
     def prune_work(out: Path) -> dict[str, Any]:
         model = _load(spec, base.path("model.pt"))
         if not t.pruning.enabled:
             _save(model, out / "model.pt", {"stage": "prune", "pruned": False})
             return {"enabled": False}
         p = t.pruning
-        result = prune_to_target(
-            model,
-            _example(spec),
-            metric=p.target.metric,
-            keep=p.target.keep,
-            channel_multiple=p.channel_multiple,
-            importance=p.importance,
-            keep_layers=p.keep_layers,
-            max_ratio=p.max_layer_ratio,
-        )
+        extra: dict[str, Any] = {}
+        if by_latency:
+            from pipeline.latency.table import LatencyTable
+            from pipeline.stages.prune_latency import prune_to_latency
+
+            measured = _bench(prune_inputs["baseline"], t)["latency_ms"]["p50"]
+            lp = prune_to_latency(
+                model, _example(spec), LatencyTable.load(prune_inputs["table"]), budget_ms=t.budgets.latency_ms,
+                measured_full_ms=measured, channel_multiple=p.channel_multiple, importance=p.importance,
+                keep_layers=p.keep_layers, max_ratio=p.max_layer_ratio,
+            )  # fmt: skip
+            result, extra = lp.result, {"latency": lp.figures}
+        else:
+            result = prune_to_target(
+                model, _example(spec), metric=p.target.metric, keep=p.target.keep,
+                channel_multiple=p.channel_multiple, importance=p.importance, keep_layers=p.keep_layers,
+                max_ratio=p.max_layer_ratio,
+            )  # fmt: skip
         acc = accuracy(predict(result.model, spec, data.test), data.test.labels)
         _save(result.model, out / "model.pt", {"stage": "prune", **result.figures()})
-        return {"enabled": True, **result.figures(), "accuracy_before_finetune": acc}
+        return {"enabled": True, **result.figures(), **extra, "accuracy_before_finetune": acc}
 
     pruned = stage(
         "prune",
         prune_work,
-        inputs={"model": base.path("model.pt")},
-        config={**t.pruning.model_dump(mode="json"), **test_cfg},
+        inputs=prune_inputs,
+        config={**t.pruning.model_dump(mode="json"), **test_cfg, "budget_ms": t.budgets.latency_ms},
     )
 
     # 3. recover with distillation from the unpruned model.
@@ -242,15 +256,7 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
 
     # 5. profile every TFLite file (here: on this machine).
     def profile_work(out: Path) -> dict[str, Any]:
-        from pipeline.stages.profile import BenchSettings, profile_local
-
-        s = BenchSettings(
-            threads=min(t.profiling.threads, _host_cores()),
-            warmup=t.profiling.warmup,
-            runs=t.profiling.runs,
-            min_seconds=t.profiling.min_seconds,
-        )
-        results = {name: profile_local(path, s) for name, path in tfl_inputs.items()}
+        results = {name: _bench(path, t) for name, path in tfl_inputs.items()}
         write_json_atomic(out / "profile.json", results)
         return results
 
@@ -299,6 +305,51 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
         summary, conv, req.artifacts_dir / t.name, report_path=report_path, spec_meta=spec_meta, io=io
     )
     return DeployResult(bundle_dir, bundle_dir / "report.md", summary)
+
+
+def _bench(path: Path, t: TargetProfile) -> dict[str, Any]:
+    """Benchmark one .tflite file here with the profile's settings (threads capped at this machine's cores)."""
+    from pipeline.stages.profile import BenchSettings, profile_local
+
+    p = t.profiling
+    settings = BenchSettings(
+        threads=min(p.threads, _host_cores()), warmup=p.warmup, runs=p.runs, min_seconds=p.min_seconds
+    )
+    return profile_local(path, settings)
+
+
+def _latency_table_stage(stage: Callable[..., StageRecord], req: DeployRequest, spec: ModelSpec,
+                         model_path: Path) -> StageRecord:  # fmt: skip
+    """The measured per-layer latency table of this model on this runtime, cached like any stage."""
+    t = req.target
+    p = t.pruning
+    threads = min(t.profiling.threads, _host_cores())
+
+    def work(out: Path) -> dict[str, Any]:
+        from pipeline.latency.layers import prunable_layers
+        from pipeline.latency.table import measure_table
+        from pipeline.stages.prune import ignored_layers, prunable_groups
+
+        model = _load(spec, model_path)
+        ex = _example(spec)
+        groups = prunable_groups(model, ex, keep_layers=p.keep_layers)
+        layers = prunable_layers(model, ex, ignored=ignored_layers(model, ex, p.keep_layers))
+        table = measure_table(layers, groups, precision=t.quantize.ship, threads=threads,
+                              multiple=p.channel_multiple, max_ratio=p.max_layer_ratio,
+                              max_points=p.target.max_points, work_dir=out)  # fmt: skip
+        table.save(out / "table.json")
+        return {
+            "geometries": len(table.entries),
+            "probes": sum(len(row) for e in table.entries.values() for row in e["ms"]),
+            "runtime": f"{table.runtime} {table.runtime_version}",
+            "machine": table.machine,
+            "threads": threads,
+        }
+
+    config = {"precision": t.quantize.ship, "threads": threads, "multiple": p.channel_multiple,
+              "max_ratio": p.max_layer_ratio, "max_points": p.target.max_points, "keep_layers": p.keep_layers,
+              "host": platform.node(), "format": "edgeship-latency/1"}  # fmt: skip
+    return stage("latency_table", work, inputs={"model": model_path}, config=config)
 
 
 def _host_cores() -> int:

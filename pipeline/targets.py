@@ -50,10 +50,20 @@ class Budgets(_Frozen):
 
 
 class PruneTarget(_Frozen):
-    """Keep this fraction of the unpruned model's MACs or parameters."""
+    """Keep this fraction of the unpruned model's MACs or parameters, or fit `budgets.latency_ms` as measured
+    on the target's runtime (metric: latency; `max_points` caps the latency table's grid per axis)."""
 
-    metric: Literal["macs", "params"] = "macs"
-    keep: float = Field(gt=0, le=1)
+    metric: Literal["macs", "params", "latency"] = "macs"
+    keep: float | None = Field(default=None, gt=0, le=1)
+    max_points: int = Field(default=16, ge=2, le=64)
+
+    @model_validator(mode="after")
+    def _keep_given(self) -> PruneTarget:
+        if self.metric != "latency" and self.keep is None:
+            raise ValueError(f"keep: metric {self.metric} needs keep (the fraction of {self.metric} to keep)")
+        if self.metric == "latency" and self.keep is not None:
+            raise ValueError("keep: metric latency takes its target from budgets.latency_ms; remove keep")
+        return self
 
 
 class Pruning(_Frozen):
@@ -150,6 +160,15 @@ class TargetProfile(_Frozen):
                 )
             if self.quantize.int8_io == "float32":
                 raise ValueError("quantize.int8_io: the Edge TPU needs integer I/O; use int8 or uint8")
+        if self.pruning.target.metric == "latency":
+            if self.budgets.latency_ms is None:
+                raise ValueError("pruning.target.metric: latency needs budgets.latency_ms")
+            if self.transport.kind != "local":
+                raise ValueError(
+                    "pruning.target.metric: latency pruning measures the layers on the target itself; this "
+                    f"profile reaches its device over {self.transport.kind}, which latency tables do not use yet; "
+                    "use metric macs or params here, or a local target (targets/host.yaml)"
+                )
         if self.profiling.threads > self.hardware.cores:
             raise ValueError(
                 f"profiling.threads: {self.profiling.threads} threads on a {self.hardware.cores}-core device; "

@@ -232,6 +232,47 @@ def _param_bytes(sg: SubgraphInfo, seen: set[int], op: OperatorInfo) -> int:
     return total
 
 
+def _partition(checked: list[tuple[OperatorInfo, list[Issue]]], sg: SubgraphInfo) -> tuple[int | None, set[int]]:
+    """(index of the first op that falls back or None, indices of model-edge conversions run on the CPU)."""
+    edges: set[int] = set()
+    for op, issues in checked:
+        if not any(i.severity == "error" for i in issues):
+            continue
+        if not _is_edge(op, sg, issues):
+            return op.index, edges
+        edges.add(op.index)
+    return None, edges
+
+
+def _placement(
+    op: OperatorInfo, issues: list[Issue], first: int | None, edges: set[int], sg: SubgraphInfo
+) -> tuple[str, str]:
+    """(placement, reason) of one op given the partition."""
+    errors = [i.message for i in issues if i.severity == "error"]
+    if op.index in edges:
+        return CPU_EDGE, "float model input/output conversion, runs on the CPU around the TPU part"
+    if first is None or op.index < first:
+        return TPU, "; ".join("warning: " + i.message for i in issues if i.severity == "warning")
+    if op.index == first:
+        return CPU, "; ".join(errors)
+    reason = f"after the fallback at #{first} ({sg.operators[first].name})"
+    return CPU_AFTER, reason + ("; also: " + "; ".join(errors) if errors else "")
+
+
+def _fallback(first: int, issues: list[Issue], sg: SubgraphInfo) -> Fallback:
+    errors = [i for i in issues if i.severity == "error"]
+    name = sg.operators[first].name
+    float_model = _is_float_model(sg)
+    hints = [hint_for(name, "int8", float_model=True) if float_model and e.rule == "int8" else e.hint for e in errors]
+    return Fallback(
+        op_index=first,
+        op=name,
+        reasons=tuple(e.message for e in errors),
+        what_to_change=tuple(dict.fromkeys(hints)),
+        ops_after=len(sg.operators) - first - 1,
+    )
+
+
 def analyze(
     path: Path,
     *,
@@ -246,40 +287,12 @@ def analyze(
     """
     info = read_tflite(Path(path))
     sg = info.main
-    float_model = _is_float_model(sg)
     checked = [(op, check_operator(op, sg, runtime=runtime)) for op in sg.operators]
-    first: int | None = None
-    edges: set[int] = set()
-    for op, issues in checked:
-        if not any(i.severity == "error" for i in issues):
-            continue
-        if first is None and _is_edge(op, sg, issues):
-            edges.add(op.index)
-            continue
-        if first is None:
-            first = op.index
+    first, edges = _partition(checked, sg)
     ops: list[OpReport] = []
-    also_failing: list[int] = []
     seen_buffers: set[int] = set()
-    param_tpu = 0
     for op, issues in checked:
-        errors = [i for i in issues if i.severity == "error"]
-        warns = [i for i in issues if i.severity == "warning"]
-        if op.index in edges:
-            placement, reason = CPU_EDGE, "float model input/output conversion, runs on the CPU around the TPU part"
-        elif first is None or op.index < first:
-            placement, reason = TPU, "; ".join("warning: " + w.message for w in warns)
-        elif op.index == first:
-            placement, reason = CPU, "; ".join(e.message for e in errors)
-        else:
-            placement = CPU_AFTER
-            reason = f"after the fallback at #{first} ({sg.operators[first].name})"
-            if errors:
-                also_failing.append(op.index)
-                reason += "; also: " + "; ".join(e.message for e in errors)
-        params = _param_bytes(sg, seen_buffers, op)
-        if placement == TPU:
-            param_tpu += params
+        placement, reason = _placement(op, issues, first, edges, sg)
         ops.append(
             OpReport(
                 index=op.index,
@@ -291,25 +304,12 @@ def analyze(
                 placement=placement,
                 reason=reason,
                 issues=tuple(issues),
-                param_bytes=params,
+                param_bytes=_param_bytes(sg, seen_buffers, op),
             )
         )
-    fallback = None
-    if first is not None:
-        errors = [i for i in checked[first][1] if i.severity == "error"]
-        op_name = sg.operators[first].name
-        hints = [hint_for(op_name, "int8", float_model=True) if float_model and e.rule == "int8" else e.hint
-                 for e in errors]  # fmt: skip
-        fallback = Fallback(
-            op_index=first,
-            op=op_name,
-            reasons=tuple(e.message for e in errors),
-            what_to_change=tuple(dict.fromkeys(hints)),
-            ops_after=len(sg.operators) - first - 1,
-        )
-    blockers = _blockers(info.subgraphs)
-    warnings = _warnings(info.subgraphs, ops)
-    total_params = sum({t.buffer: t.buffer_bytes for t in sg.tensors if t.is_constant}.values())
+    also_failing = tuple(
+        o.index for o in ops if o.placement == CPU_AFTER and any(i.severity == "error" for i in o.issues)
+    )
     return CompatReport(
         model=info.path,
         model_bytes=info.size_bytes,
@@ -317,12 +317,12 @@ def analyze(
         runtime=runtime,
         subgraphs=len(info.subgraphs),
         ops=tuple(ops),
-        first_fallback=fallback,
-        also_failing=tuple(also_failing),
-        blockers=blockers,
-        warnings=warnings,
-        param_bytes_total=total_params,
-        param_bytes_tpu=param_tpu,
+        first_fallback=None if first is None else _fallback(first, checked[first][1], sg),
+        also_failing=also_failing,
+        blockers=_blockers(info.subgraphs),
+        warnings=_warnings(info.subgraphs, ops),
+        param_bytes_total=sum({t.buffer: t.buffer_bytes for t in sg.tensors if t.is_constant}.values()),
+        param_bytes_tpu=sum(o.param_bytes for o in ops if o.placement == TPU),
         sram_bytes=round(sram_mb * MIB),
         compiler=compiler,
     )
@@ -402,7 +402,7 @@ def _markdown(r: CompatReport) -> list[str]:
         out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     if r.warnings:
         out += ["", "### Warnings", ""] + [f"- {w}" for w in r.warnings]
-    out += ["", "### edgetpu_compiler", ""] + _compiler_md(r)
+    out += ["", "### edgetpu_compiler", "", *_compiler_md(r)]
     return out
 
 

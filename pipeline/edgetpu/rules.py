@@ -28,7 +28,7 @@ from pipeline.edgetpu.tflite_model import OperatorInfo, SubgraphInfo, TensorInfo
 
 DOC_URL = "https://coral.ai/docs/edgetpu/models-intro/"
 SUPPORTED_OPS_URL = DOC_URL + "#supported-operations"
-DEFAULT_RUNTIME = 14  # libedgetpu releases since compiler 16 ship runtime 14 (the newest)
+DEFAULT_RUNTIME = 14  # the newest runtime version in Coral's table
 EIGHT_BIT = ("int8", "uint8")
 CONST_INT = ("int32", "int64")  # bias, shapes, axes, paddings: compile-time parameters
 
@@ -179,18 +179,23 @@ _RULE_HINTS = {
 def hint_for(op: str, rule: str, *, float_model: bool = False) -> str:
     """What to change so that `op` maps, given the rule it breaks."""
     if rule == "supported-op":
-        return OP_HINTS.get(op, f"{op} is not on the Edge TPU: replace that layer in PyTorch with supported ops "
-                                f"({SUPPORTED_OPS_URL}) or move it to host post-processing")  # fmt: skip
+        generic = f"{op} is not on the Edge TPU: replace that layer in PyTorch with supported ops ({SUPPORTED_OPS_URL})"
+        return OP_HINTS.get(op, generic + " or move it to host post-processing")
+    if rule == "int8" and float_model:
+        return (
+            "the model is not quantized: convert with precision int8 (full-integer, calibrated) and int8_io "
+            "'int8' or 'uint8'"
+        )
     if rule == "int8":
-        if float_model:
-            return "the model is not quantized: convert with precision int8 (full-integer, calibrated) and int8_io "\
-                "'int8' or 'uint8'"  # fmt: skip
-        return (f"{op} was left in float or int16: the int8 conversion did not quantize it (no int8 kernel or "
-                "no calibration range); check onnx2tf's warnings for it, widen the calibration set, or replace "
-                "the layer")  # fmt: skip
+        return (
+            f"{op} was left in float or int16: the int8 conversion did not quantize it (no int8 kernel or no "
+            "calibration range); check onnx2tf's warnings for it, widen the calibration set, or replace the layer"
+        )
     if rule == "op-version":
-        return ("convert with a TensorFlow/onnx2tf version whose op versions compiler 16 knows, or avoid the "
-                "construct that needs the newer op version (e.g. grouped convolutions need CONV_2D v6)")  # fmt: skip
+        return (
+            "convert with a TensorFlow/onnx2tf version whose op versions compiler 16 knows, or avoid the construct "
+            "that needs the newer op version (e.g. grouped convolutions need CONV_2D v6)"
+        )
     return _RULE_HINTS.get(rule, OP_HINTS.get(op, "see " + SUPPORTED_OPS_URL))
 
 

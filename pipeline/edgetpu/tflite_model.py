@@ -19,6 +19,7 @@ Conventions:
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -256,6 +257,49 @@ def _opcodes(schema: ModuleType, model: Any, op_names: dict[int, str]) -> list[t
     return codes
 
 
+def _subgraph(
+    schema: ModuleType,
+    model: Any,
+    buf: bytes,
+    index: int,
+    opcodes: list[tuple[str, int, int, bool]],
+    dtypes: dict[int, str],
+    option_names: dict[int, str],
+) -> SubgraphInfo:
+    sg = model.Subgraphs(index)
+    tensors = tuple(_tensor(schema, model, buf, sg.Tensors(i), i, dtypes) for i in range(sg.TensorsLength()))
+    ops = []
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        name, version, code, custom = opcodes[op.OpcodeIndex()]
+        options_type, options = _options(schema, op, option_names)
+        ops.append(
+            OperatorInfo(
+                index=i,
+                name=name,
+                version=version,
+                builtin_code=code,
+                custom=custom,
+                inputs=_ints(op.InputsAsNumpy()) if op.InputsLength() else (),
+                outputs=_ints(op.OutputsAsNumpy()) if op.OutputsLength() else (),
+                options_type=options_type,
+                options=options,
+            )
+        )
+    return SubgraphInfo(
+        index=index,
+        name=(sg.Name() or b"").decode(errors="replace"),
+        tensors=tensors,
+        operators=tuple(ops),
+        inputs=_ints(sg.InputsAsNumpy()) if sg.InputsLength() else (),
+        outputs=_ints(sg.OutputsAsNumpy()) if sg.OutputsLength() else (),
+    )
+
+
+def _ints(arr: Any) -> tuple[int, ...]:
+    return tuple(int(x) for x in arr)
+
+
 def read_tflite(path: Path) -> TfliteModelInfo:
     """Read `path` (a .tflite flatbuffer). Raises VerificationError when it is missing or not a TFLite model."""
     path = Path(path)
@@ -275,39 +319,10 @@ def read_tflite(path: Path) -> TfliteModelInfo:
     try:
         model = schema.Model.GetRootAs(buf, 0)
         opcodes = _opcodes(schema, model, op_names)
-        subgraphs = []
-        for s in range(model.SubgraphsLength()):
-            sg = model.Subgraphs(s)
-            tensors = tuple(_tensor(schema, model, buf, sg.Tensors(i), i, dtypes) for i in range(sg.TensorsLength()))
-            ops = []
-            for i in range(sg.OperatorsLength()):
-                op = sg.Operators(i)
-                name, version, code, custom = opcodes[op.OpcodeIndex()]
-                options_type, options = _options(schema, op, option_names)
-                ops.append(
-                    OperatorInfo(
-                        index=i,
-                        name=name,
-                        version=version,
-                        builtin_code=code,
-                        custom=custom,
-                        inputs=tuple(int(x) for x in op.InputsAsNumpy()) if op.InputsLength() else (),
-                        outputs=tuple(int(x) for x in op.OutputsAsNumpy()) if op.OutputsLength() else (),
-                        options_type=options_type,
-                        options=options,
-                    )
-                )
-            subgraphs.append(
-                SubgraphInfo(
-                    index=s,
-                    name=(sg.Name() or b"").decode(errors="replace"),
-                    tensors=tensors,
-                    operators=tuple(ops),
-                    inputs=tuple(int(x) for x in sg.InputsAsNumpy()) if sg.InputsLength() else (),
-                    outputs=tuple(int(x) for x in sg.OutputsAsNumpy()) if sg.OutputsLength() else (),
-                )
-            )
-    except (IndexError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        subgraphs = [
+            _subgraph(schema, model, buf, s, opcodes, dtypes, option_names) for s in range(model.SubgraphsLength())
+        ]
+    except (struct.error, IndexError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
         raise VerificationError(f"{path}: corrupt TFLite flatbuffer ({type(exc).__name__}: {exc})") from exc
     if not subgraphs:
         raise VerificationError(f"{path}: the TFLite model has no subgraph")

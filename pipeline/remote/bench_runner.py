@@ -97,9 +97,54 @@ def _random_input(np, detail):
     return rng.standard_normal(shape).astype(dtype)
 
 
+def _time(interp, *, warmup: int, runs: int, min_seconds: float, max_seconds: float) -> list[float]:
+    for _ in range(warmup):
+        interp.invoke()
+    times = []
+    start = time.perf_counter()
+    deadline, floor = start + max_seconds, start + min(min_seconds, max_seconds)
+    while True:
+        s = time.perf_counter()
+        interp.invoke()
+        now = time.perf_counter()
+        times.append((now - s) * 1000)
+        if now > deadline or (len(times) >= runs and now >= floor):
+            return sorted(times)
+
+
+def _many(np, args) -> int:
+    """Time every .tflite file of a folder in this one process (the latency table's probes)."""
+    interpreter_class, runtime, runtime_version = _interpreter_class()
+    results = {}
+    for name in sorted(os.listdir(args.many)):
+        if not name.endswith(".tflite"):
+            continue
+        interp = interpreter_class(model_path=os.path.join(args.many, name), num_threads=args.threads)
+        interp.allocate_tensors()
+        inp = interp.get_input_details()[0]
+        interp.set_tensor(inp["index"], _random_input(np, inp))
+        ms = _time(
+            interp, warmup=args.warmup, runs=args.runs, min_seconds=args.min_seconds, max_seconds=args.max_seconds
+        )
+        results[name] = {"p50": round(_percentile(ms, 0.5), 5), "mean": round(sum(ms) / len(ms), 5), "runs": len(ms)}
+    print(
+        json.dumps(
+            {
+                "runtime": runtime,
+                "runtime_version": runtime_version,
+                "threads": args.threads,
+                "machine": platform.machine(),
+                "results": results,
+            }
+        )
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="the .tflite file to benchmark")
+    p.add_argument("--many", help="benchmark every .tflite file in this folder (p50/mean per file)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--runs", type=int, default=100)
@@ -112,8 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--cpus", default="", help="pin to these CPUs (comma list), where the OS allows it")
     args = p.parse_args(argv)
+    if bool(args.model) == bool(args.many):
+        p.error("give exactly one of --model or --many")
 
     import numpy as np
+
+    if args.many:
+        return _many(np, args)
 
     pinned = None
     if args.cpus and hasattr(os, "sched_setaffinity"):
@@ -128,21 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     load_ms = (time.perf_counter() - t0) * 1000
     inp = interp.get_input_details()[0]
     interp.set_tensor(inp["index"], _random_input(np, inp))
-    for _ in range(args.warmup):
-        interp.invoke()
-    times = []
-    start = time.perf_counter()
-    deadline, floor = start + args.max_seconds, start + min(args.min_seconds, args.max_seconds)
-    while True:
-        s = time.perf_counter()
-        interp.invoke()
-        now = time.perf_counter()
-        times.append((now - s) * 1000)
-        if now > deadline or (len(times) >= args.runs and now >= floor):
-            break
+    ms = _time(interp, warmup=args.warmup, runs=args.runs, min_seconds=args.min_seconds, max_seconds=args.max_seconds)
     out = interp.get_output_details()[0]
     interp.get_tensor(out["index"])
-    ms = sorted(times)
     mean = sum(ms) / len(ms)
     std = (sum((t - mean) ** 2 for t in ms) / len(ms)) ** 0.5
     result = {

@@ -78,10 +78,27 @@ def summarize(req: DeployRequest, *, records: Mapping[str, StageRecord]) -> dict
             "layers": pruned.get("layers", []),
         },
         "variants": variants,
+        "latency_model": _latency_model(pruned.get("latency"), shipped),
         "budgets": budgets,
         "stages": {n: {"seconds": r.seconds, "skipped": r.skipped} for n, r in records.items()},
         "tools": tool_versions(),
     }  # fmt: skip
+
+
+def _latency_model(fig: Mapping[str, Any] | None, shipped: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Prediction beside measurement for a model pruned against the latency table."""
+    if not fig:
+        return None
+    measured = shipped["latency_ms"]["p50"]
+    return {
+        "budget_ms": fig["budget_ms"],
+        "predicted_ms": fig["predicted_ms"],
+        "measured_ms": measured,
+        "error_pct": round(100 * (fig["predicted_ms"] - measured) / measured, 1),
+        "unpruned_measured_ms": fig["unpruned_measured_ms"],
+        "remainder_ms": fig["remainder_ms"],
+        "plan": fig["plan"],
+    }
 
 
 def _budgets(t: Any, *, base_acc: float, shipped: Mapping[str, Any], on_device: bool) -> list[dict[str, Any]]:
@@ -189,6 +206,20 @@ def render_report(s: Mapping[str, Any]) -> str:
             f"| {v['peak_rss_kib']:,} | {v['runtime']}{' +XNNPACK' if v['xnnpack'] else ''}, {v['threads']} thr |"
         )
     lines += ["", f"Latency: {st['runs']} timed runs after warm-up, measured on {st['measured_on']}.", ""]
+    if lm := s.get("latency_model"):
+        miss = lm["measured_ms"] - lm["budget_ms"]
+        verdict = "meets it" if miss <= 0 else f"misses it by {miss:.4g} ms ({100 * miss / lm['budget_ms']:.1f}%)"
+        lines += [
+            "## Latency-aware pruning",
+            "",
+            "| budget ms | predicted ms | measured ms | prediction error | unpruned measured ms |",
+            "|---|---|---|---|---|",
+            f"| {lm['budget_ms']} | {lm['predicted_ms']:.4g} | {lm['measured_ms']:.4g} | {lm['error_pct']:+.1f}% "
+            f"| {lm['unpruned_measured_ms']:.4g} |",
+            "",
+            f"Channels chosen against the measured per-layer table; the measured latency {verdict}.",
+            "",
+        ]
     lines += ["## Budgets", "", "| budget | limit | value | status | note |", "|---|---|---|---|---|"]
     for b in s["budgets"]:
         lines.append(f"| {b['name']} | {b['limit']} | {b['value']} | **{b['status']}** | {b['note']} |")

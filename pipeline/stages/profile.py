@@ -38,14 +38,14 @@ def runner_argv(python: str, runner: str, model: str, s: BenchSettings) -> list[
     ]  # fmt: skip
 
 
-def parse_runner_output(stdout: str, *, where: str) -> dict[str, Any]:
-    """The runner's JSON line (the last line that parses), or a DeviceError quoting what came back."""
+def parse_runner_output(stdout: str, *, where: str, key: str = "latency_ms") -> dict[str, Any]:
+    """The runner's JSON line (the last line that parses and has `key`), or a DeviceError quoting the output."""
     for line in reversed(stdout.strip().splitlines()):
         try:
             result = json.loads(line)
         except ValueError:
             continue
-        if isinstance(result, dict) and "latency_ms" in result:
+        if isinstance(result, dict) and key in result:
             return result
     raise DeviceError(f"the benchmark on {where} printed no result; its output ended with: {stdout[-500:]!r}")
 

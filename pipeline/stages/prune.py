@@ -12,10 +12,11 @@ import copy
 import difflib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -111,7 +112,7 @@ def _pruner(
     keep_layers: Sequence[str],
     ratio_dict: dict[nn.Module, float] | None = None,
 ) -> tp.pruner.MetaPruner:
-    ignored = output_layers(model, example) + resolve_keep_layers(model, keep_layers)
+    ignored = ignored_layers(model, example, keep_layers)
     try:
         return tp.pruner.MetaPruner(
             model,
@@ -129,18 +130,41 @@ def _pruner(
         ) from exc
 
 
-def prunable_groups(model: nn.Module, example: torch.Tensor, *, keep_layers: Sequence[str] = ()) -> dict[str, int]:
-    """Each prunable group of coupled layers, named by its root layer, with its output channel count."""
-    pruner = _pruner(model.eval(), example, importance="l2", keep_layers=keep_layers)
+def _out_groups(pruner: tp.pruner.MetaPruner, model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """(root layer name, group) for every output-channel group the pruner may cut."""
     names = {m: n for n, m in model.named_modules()}
-    groups = {}
     for group in pruner.DG.get_all_groups(
         ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
     ):
-        root = group[0].dep.target.module
         if pruner.DG.is_out_channel_pruning_fn(group[0].dep.handler):
-            groups[names[root]] = int(pruner.DG.get_out_channels(root))
-    return groups
+            yield names[group[0].dep.target.module], group
+
+
+def prunable_groups(model: nn.Module, example: torch.Tensor, *, keep_layers: Sequence[str] = ()) -> dict[str, int]:
+    """Each prunable group of coupled layers, named by its root layer, with its output channel count."""
+    pruner = _pruner(model.eval(), example, importance="l2", keep_layers=keep_layers)
+    return {
+        name: int(pruner.DG.get_out_channels(group[0].dep.target.module)) for name, group in _out_groups(pruner, model)
+    }
+
+
+def group_importance(
+    model: nn.Module, example: torch.Tensor, *, importance: str = "l2", keep_layers: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
+    """Per group, its channels' importance sorted ascending and scaled to sum to 1 (the order pruning cuts)."""
+    pruner = _pruner(model.eval(), example, importance=importance, keep_layers=keep_layers)
+    out = {}
+    for name, group in _out_groups(pruner, model):
+        imp = pruner.importance(group)
+        scores = np.sort(imp.detach().double().numpy()) if imp is not None else np.zeros(0)
+        total = scores.sum()
+        out[name] = scores / total if total > 0 else np.full(len(scores), 1.0 / max(len(scores), 1))
+    return out
+
+
+def ignored_layers(model: nn.Module, example: torch.Tensor, keep_layers: Sequence[str] = ()) -> list[nn.Module]:
+    """Layers the pruner leaves whole: the classifier and the profile's keep_layers."""
+    return output_layers(model, example) + resolve_keep_layers(model, keep_layers)
 
 
 def prune_to_plan(

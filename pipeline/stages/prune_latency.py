@@ -1,0 +1,79 @@
+"""Prune to a latency budget measured on the target's runtime (the per-layer table), not to a MAC count."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.latency.allocate import allocate
+from pipeline.latency.layers import prunable_layers
+from pipeline.latency.table import LatencyTable
+from pipeline.stages.prune import (
+    PruneResult,
+    count_macs_params,
+    group_importance,
+    ignored_layers,
+    layer_channels,
+    prunable_groups,
+    prune_to_plan,
+)
+
+
+@dataclass(frozen=True)
+class LatencyPrune:
+    result: PruneResult
+    figures: dict[str, Any]
+
+
+def prune_to_latency(
+    model: nn.Module,
+    example: torch.Tensor,
+    table: LatencyTable,
+    *,
+    budget_ms: float,
+    measured_full_ms: float,
+    channel_multiple: int,
+    importance: str = "l2",
+    keep_layers: Sequence[str] = (),
+    max_ratio: float = 0.8,
+) -> LatencyPrune:
+    """Allocate channels against the table (its remainder calibrated on the measured unpruned model), prune."""
+    model = model.eval()
+    groups = prunable_groups(model, example, keep_layers=keep_layers)
+    layers = prunable_layers(model, example, ignored=ignored_layers(model, example, keep_layers))
+    layer_sum = table.predict(layers, groups) - table.remainder_ms
+    table = LatencyTable(**{**table.__dict__, "remainder_ms": measured_full_ms - layer_sum})
+    imp = group_importance(model, example, importance=importance, keep_layers=keep_layers)
+    alloc = allocate(layers, groups, imp, table, budget_ms=budget_ms, multiple=channel_multiple, max_ratio=max_ratio)
+    pruned = prune_to_plan(model, example, alloc.plan, importance=importance, keep_layers=keep_layers)
+    if alloc.steps == 0:
+        pruned = copy.deepcopy(model)
+    macs0, params0 = count_macs_params(model, example)
+    macs1, params1 = count_macs_params(pruned, example)
+    result = PruneResult(
+        model=pruned,
+        metric="latency",  # type: ignore[arg-type]
+        keep_target=budget_ms / measured_full_ms,
+        keep_achieved=alloc.predicted_ms / measured_full_ms,
+        channel_ratio=1 - sum(alloc.plan.values()) / sum(groups.values()),
+        macs_before=macs0,
+        macs_after=macs1,
+        params_before=params0,
+        params_after=params1,
+        layers=tuple(layer_channels(model, pruned)),
+    )
+    figures = {
+        "budget_ms": budget_ms,
+        "predicted_ms": round(alloc.predicted_ms, 5),
+        "unpruned_measured_ms": measured_full_ms,
+        "unpruned_predicted_layers_ms": round(layer_sum, 5),
+        "remainder_ms": round(table.remainder_ms, 5),
+        "allocation_steps": alloc.steps,
+        "plan": alloc.plan,
+    }
+    return LatencyPrune(result, figures)
