@@ -277,8 +277,8 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
         lines = "; ".join(f"{b['name']}: {b['value']} vs limit {b['limit']}" for b in misses)
         raise BudgetError(
             f"target {t.name}: the result misses its budget ({lines}). Nothing was published to "
-            f"{req.artifacts_dir / t.name}; see {report_path}. Relax the budget in the profile, prune less "
-            f"(pruning.target.keep), fine-tune longer, or pass --allow-budget-miss to ship it anyway."
+            f"{req.artifacts_dir / t.name}; see {report_path}. {_budget_hint(t, misses, summary)}"
+            " Or pass --allow-budget-miss to ship it anyway."
         )
     shipped = _tflite_records(conv)[ship]
     io = {
@@ -305,6 +305,29 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
         summary, conv, req.artifacts_dir / t.name, report_path=report_path, spec_meta=spec_meta, io=io
     )
     return DeployResult(bundle_dir, bundle_dir / "report.md", summary)
+
+
+def _budget_hint(t: TargetProfile, misses: list[dict[str, Any]], summary: Mapping[str, Any]) -> str:
+    """What to change, per missed budget and pruning mode."""
+    hints = []
+    names = {b["name"] for b in misses}
+    if "accuracy drop" in names:
+        hints.append(
+            "For accuracy: prune less, fine-tune longer (finetune.epochs) or allow more budgets.max_accuracy_drop."
+        )
+    if "size (KiB)" in names:
+        hints.append("For size: prune more (a lower pruning.target.keep) or ship int8.")
+    if "latency p50 (ms)" in names:
+        lm = summary.get("latency_model")
+        if lm:
+            hints.append(
+                f"For latency: the table predicted {lm['predicted_ms']:.4g} ms and {lm['measured_ms']:.4g} ms was "
+                f"measured ({lm['error_pct']:+.1f}% error): set budgets.latency_ms about {abs(lm['error_pct']):.0f}% "
+                "lower to leave that margin, or raise pruning.target.max_points for a finer table."
+            )
+        else:
+            hints.append("For latency: prune to it directly with pruning.target: {metric: latency}.")
+    return " ".join(hints)
 
 
 def _bench(path: Path, t: TargetProfile) -> dict[str, Any]:
@@ -348,8 +371,21 @@ def _latency_table_stage(stage: Callable[..., StageRecord], req: DeployRequest, 
 
     config = {"precision": t.quantize.ship, "threads": threads, "multiple": p.channel_multiple,
               "max_ratio": p.max_layer_ratio, "max_points": p.target.max_points, "keep_layers": p.keep_layers,
-              "host": platform.node(), "format": "edgeship-latency/1"}  # fmt: skip
+              "host": platform.node(), "runtime": _runtime_versions(), "format": "edgeship-latency/1"}  # fmt: skip
     return stage("latency_table", work, inputs={"model": model_path}, config=config)
+
+
+def _runtime_versions() -> dict[str, str]:
+    """The TFLite runtimes installed here: a table measured under other versions is measured again."""
+    from importlib import metadata
+
+    found = {}
+    for dist in ("ai-edge-litert", "tflite-runtime", "tensorflow"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def _host_cores() -> int:

@@ -94,8 +94,15 @@ def group_of_channels(
     return in_group, out_group
 
 
-def prunable_layers(model: nn.Module, example: torch.Tensor, *, ignored: Sequence[nn.Module] = ()) -> list[Layer]:
-    """Every Conv2d/Linear layer with its geometry and the groups that set its channels."""
+def prunable_layers(
+    model: nn.Module, example: torch.Tensor, *, ignored: Sequence[nn.Module] | None = None
+) -> list[Layer]:
+    """Every Conv2d/Linear layer with its geometry and the groups that set its channels. `ignored` layers (by
+    default the output layers, as the pruner keeps them) never get an output group."""
+    if ignored is None:
+        from pipeline.stages.prune import ignored_layers
+
+        ignored = ignored_layers(model, example)
     sizes = _input_sizes(model, example)
     in_group, out_group = group_of_channels(model, example, ignored=ignored)
     layers = []
