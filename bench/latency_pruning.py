@@ -1,0 +1,293 @@
+"""Benchmark: pruning to a latency budget (ours) vs plain Torch-Pruning at the same MACs, in one run.
+
+    python -m bench.latency_pruning [--precision fp32] [--threads 1] [--budgets 0.8 0.65 0.5] [--variants 20]
+
+For the default model (fmnist_cnn) on this machine's runtime (ai-edge-litert, XNNPACK):
+1. the unpruned model is converted at --precision and measured; the per-layer latency table is measured;
+2. for each budget (a fraction of the unpruned model's measured p50): ours = channels allocated against the
+   table (prune_to_latency, channel multiple 8); plain = Torch-Pruning with one uniform channel ratio picked
+   to reach the same MACs as ours (no channel rounding, as Torch-Pruning does by default), and the same with
+   Torch-Pruning's round_to=8 (to separate channel alignment from allocation); all fine-tuned with the same
+   distillation recipe, exported, converted with onnx2tf and measured in the same session;
+3. the latency model's error: --variants randomly pruned models (random channel counts on the table's grid,
+   no fine-tune: latency does not depend on weights) predicted vs measured.
+Every .tflite file is timed in --rounds round-robin passes (median of the per-pass p50s), so drift of this
+noisy machine hits all variants alike. Prints tables and rewrites the "Latency-aware pruning" section of
+BENCHMARKS.md with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import platform
+import random
+import re
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.artifacts import write_json_atomic, write_text_atomic
+from pipeline.data.sources import DataPlan
+from pipeline.deploy import REPO, _load
+from pipeline.latency.layers import prunable_layers
+from pipeline.latency.table import LatencyTable, candidates, measure_table
+from pipeline.models.zoo import get_model_spec
+from pipeline.stages.finetune import FinetuneConfig, finetune_kd
+from pipeline.stages.profile import BenchSettings, profile_local
+from pipeline.stages.prune import count_macs_params, ignored_layers, prunable_groups, prune_to_plan, prune_to_target
+from pipeline.stages.prune_latency import prune_to_latency
+
+SECTION = "## Latency-aware pruning"
+MULTIPLE = 8
+MAX_RATIO = 0.8
+METHODS = {
+    "ours": "ours (latency table, multiple 8)",
+    "plain": "plain Torch-Pruning, same MACs",
+    "plain8": "plain Torch-Pruning, same MACs, round_to=8",
+}
+log = logging.getLogger("bench.latency_pruning")
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # unpruned | ours | plain | plain8 | random
+    tflite: Path
+    macs: int
+    budget_ms: float | None = None
+    predicted_ms: float | None = None
+    accuracy: float | None = None
+    p50s: list[float] = field(default_factory=list)
+
+    @property
+    def measured_ms(self) -> float:
+        return statistics.median(self.p50s)
+
+
+def _convert(model: torch.nn.Module, spec, out: Path, precision: str, data: DataPlan) -> Path:
+    from pipeline.stages.convert_tflite import convert_tflite
+    from pipeline.stages.export_onnx import export_onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    onnx = export_onnx(model, spec, out / "model.onnx", check_images=data.calibration.images[:8])
+    calib = data.calibration.subset(200, seed=0) if precision == "int8" else None
+    files = convert_tflite(onnx, spec, out, precisions=(precision,), calibration=calib, log_path=out / "onnx2tf.log")
+    return Path(files[precision].path)
+
+
+def _tflite_accuracy(path: Path, precision: str, model: torch.nn.Module, spec, data: DataPlan, threads: int) -> float:
+    from pipeline.stages.convert_tflite import describe_tflite
+    from pipeline.stages.verify import verify_tflite
+
+    report = verify_tflite({precision: describe_tflite(precision, path)}, model, spec, data.test, threads=threads)
+    return float(report.record(precision).accuracy)
+
+
+def _finetune(student, teacher, spec, data: DataPlan, args) -> torch.nn.Module:
+    cfg = FinetuneConfig(epochs=args.epochs, lr=1e-3, batch_size=128, temperature=4.0, alpha=0.7,
+                         max_train_images=args.train_images, seed=0)  # fmt: skip
+    return finetune_kd(student, teacher, spec, data.train, cfg).model
+
+
+def _measure_all(variants: list[Variant], settings: BenchSettings, rounds: int) -> None:
+    for r in range(rounds):
+        order = variants if r % 2 == 0 else list(reversed(variants))
+        for v in order:
+            v.p50s.append(profile_local(v.tflite, settings)["latency_ms"]["p50"])
+        log.info("timing pass %d/%d done", r + 1, rounds)
+
+
+def _random_plan(groups: dict[str, int], rng: random.Random) -> dict[str, int]:
+    plan = {}
+    for g, total in groups.items():
+        floor = max(min(MULTIPLE, total), math.ceil(total * (1 - MAX_RATIO)))
+        plan[g] = rng.choice(candidates(total, MULTIPLE, floor=floor, max_points=10_000))
+    return plan
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    spec = get_model_spec(args.model)
+    data = DataPlan(spec, test_limit=args.test_images)
+    work = REPO / "runs" / "bench-latency" / f"{spec.name}-{args.precision}-t{args.threads}"
+    work.mkdir(parents=True, exist_ok=True)
+    base = _load(spec, REPO / spec.default_checkpoint)
+    ex = torch.zeros(1, *spec.input_shape)
+    macs0, _ = count_macs_params(base, ex)
+    settings = BenchSettings(threads=args.threads, warmup=20, runs=200, min_seconds=args.min_seconds)
+    t0 = time.perf_counter()
+
+    unpruned = Variant("unpruned", "unpruned", _convert(base, spec, work / "unpruned", args.precision, data), macs0)
+    unpruned.accuracy = _tflite_accuracy(unpruned.tflite, args.precision, base, spec, data, args.threads)
+    full_ms = profile_local(unpruned.tflite, settings)["latency_ms"]["p50"]
+    log.info("unpruned %s: %.4f ms", args.precision, full_ms)
+
+    groups = prunable_groups(base, ex)
+    layers = prunable_layers(base, ex, ignored=ignored_layers(base, ex))
+    t_table = time.perf_counter()
+    table = measure_table(layers, groups, precision=args.precision, threads=args.threads, multiple=MULTIPLE,
+                          max_ratio=MAX_RATIO, max_points=args.max_points, work_dir=work)  # fmt: skip
+    table_s = time.perf_counter() - t_table
+    table.save(work / "table.json")
+    layer_sum = table.predict(layers, groups)
+    calibrated = LatencyTable(**{**table.__dict__, "remainder_ms": full_ms - layer_sum})
+
+    variants = [unpruned]
+    for frac in args.budgets:
+        budget = round(frac * full_ms, 5)
+        lp = prune_to_latency(base, ex, table, budget_ms=budget, measured_full_ms=full_ms, channel_multiple=MULTIPLE,
+                              max_ratio=MAX_RATIO)  # fmt: skip
+        keep = lp.result.macs_after / macs0
+        plain = prune_to_target(base, ex, metric="macs", keep=keep, channel_multiple=1, max_ratio=MAX_RATIO)
+        plain8 = prune_to_target(base, ex, metric="macs", keep=keep, channel_multiple=MULTIPLE, max_ratio=MAX_RATIO)
+        for kind, model, predicted in (
+            ("ours", lp.result.model, lp.figures["predicted_ms"]),
+            ("plain", plain.model, None),
+            ("plain8", plain8.model, None),
+        ):
+            name = f"{kind}@{frac:g}"
+            tuned = _finetune(model, base, spec, data, args)
+            path = _convert(tuned, spec, work / name.replace("@", "_"), args.precision, data)
+            v = Variant(name, kind, path, count_macs_params(tuned, ex)[0], budget, predicted)
+            v.accuracy = _tflite_accuracy(path, args.precision, tuned, spec, data, args.threads)
+            variants.append(v)
+            log.info("%s: MACs %.2fx, accuracy %.4f", name, v.macs / macs0, v.accuracy)
+
+    rng = random.Random(args.seed)
+    for i in range(args.variants):
+        plan = _random_plan(groups, rng)
+        model = prune_to_plan(base, ex, plan)
+        path = _convert(model, spec, work / f"random_{i:02d}", args.precision, data)
+        variants.append(Variant(f"random_{i:02d}", "random", path, count_macs_params(model, ex)[0],
+                                predicted_ms=calibrated.predict(layers, plan)))  # fmt: skip
+
+    _measure_all(variants, settings, args.rounds)
+    result = {
+        "model": spec.name,
+        "precision": args.precision,
+        "threads": args.threads,
+        "runtime": f"{table.runtime} {table.runtime_version}",
+        "machine": platform.machine(),
+        "table_probes": sum(len(r) for e in table.entries.values() for r in e["ms"]),
+        "table_seconds": round(table_s, 1),
+        "unpruned_predicted_layers_ms": layer_sum,
+        "seconds": round(time.perf_counter() - t0),
+        "variants": [
+            {**{k: getattr(v, k) for k in ("name", "kind", "macs", "budget_ms", "predicted_ms", "accuracy", "p50s")},
+             "tflite": str(v.tflite), "measured_ms": v.measured_ms}
+            for v in variants
+        ],
+    }  # fmt: skip
+    write_json_atomic(work / "result.json", result)
+    return result
+
+
+def _tables(r: dict[str, Any], macs0: int) -> tuple[list[str], list[str], dict[str, Any]]:
+    vs = {v["name"]: v for v in r["variants"]}
+    un = vs["unpruned"]
+    budget_rows = [
+        "| budget (x unpruned) | budget ms | method | MACs x | measured p50 ms | x unpruned | predicted ms | "
+        "accuracy % | budget |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| - | - | unpruned | 1.00 | {un['measured_ms']:.4f} | 1.00 | - | {100 * un['accuracy']:.2f} | - |",
+    ]
+    for v in r["variants"]:
+        if v["kind"] not in METHODS:
+            continue
+        frac = v["name"].split("@")[1]
+        hit = (
+            "hit"
+            if v["measured_ms"] <= v["budget_ms"]
+            else f"missed by {100 * (v['measured_ms'] / v['budget_ms'] - 1):.1f}%"
+        )
+        method = METHODS[v["kind"]]
+        pred = f"{v['predicted_ms']:.4f}" if v["predicted_ms"] is not None else "-"
+        budget_rows.append(
+            f"| {frac} | {v['budget_ms']:.4f} | {method} | {v['macs'] / macs0:.2f} | {v['measured_ms']:.4f} "
+            f"| {v['measured_ms'] / un['measured_ms']:.2f} | {pred} | {100 * v['accuracy']:.2f} | {hit} |"
+        )  # fmt: skip
+    errs = [100 * (v["predicted_ms"] - v["measured_ms"]) / v["measured_ms"] for v in r["variants"]
+            if v["kind"] in ("random", "ours")]  # fmt: skip
+    within = sum(abs(e) <= 10 for e in errs)
+    stats = {
+        "n": len(errs),
+        "within_10": within,
+        "mean_abs": statistics.mean(abs(e) for e in errs),
+        "max_abs": max(abs(e) for e in errs),
+        "median": statistics.median(errs),
+    }
+    err_rows = [
+        "| pruned variants | within ±10% | mean abs error | max abs error | median error (pred - meas) |",
+        "|---|---|---|---|---|",
+        f"| {stats['n']} | {within}/{stats['n']} ({100 * within / stats['n']:.0f}%) | {stats['mean_abs']:.1f}% "
+        f"| {stats['max_abs']:.1f}% | {stats['median']:+.1f}% |",
+    ]
+    return budget_rows, err_rows, stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="fmnist_cnn")
+    ap.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.65, 0.5])
+    ap.add_argument("--variants", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--train-images", type=int, default=30000)
+    ap.add_argument("--test-images", type=int, default=None)
+    ap.add_argument("--max-points", type=int, default=16)
+    ap.add_argument("--min-seconds", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    r = run(args)
+    macs0 = next(v["macs"] for v in r["variants"] if v["kind"] == "unpruned")
+    budget_rows, err_rows, stats = _tables(r, macs0)
+    print("\n".join(budget_rows), "\n", "\n".join(err_rows), sep="\n")
+    if args.no_write:
+        return 0
+    cmd = "python -m bench.latency_pruning " + shlex.join(argv if argv is not None else sys.argv[1:])
+    cores = len(os.sched_getaffinity(0))
+    body = [
+        f"{SECTION} ({r['model']}, {r['precision']}, {r['threads']} thread{'s' if r['threads'] > 1 else ''})",
+        "",
+        f"Command: `{cmd.strip()}` ({r['seconds']} s). Machine: {r['machine']}, {cores} cores, "
+        f"{r['runtime']}; every file timed in {args.rounds} round-robin passes (median of the per-pass p50s). "
+        f"Latency table: {r['table_probes']} single-layer probes measured in {r['table_seconds']} s. Fine-tune: "
+        f"{args.epochs:g} epoch(s) of distillation on {args.train_images} Fashion-MNIST train images, the same "
+        "for both methods. Accuracy: the converted .tflite on the Fashion-MNIST test split.",
+        "",
+        *budget_rows,
+        "",
+        "Latency model (predicted = sum of per-layer table entries + a remainder calibrated on the unpruned "
+        f"model), over the {stats['n']} pruned variants (random channel counts on the table's grid, and ours):",
+        "",
+        *err_rows,
+        "",
+    ]
+    _write_section(args.out, f"{SECTION} ({r['model']}, {r['precision']}", "\n".join(body))
+    return 0
+
+
+def _write_section(path: Path, heading: str, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(heading)}.*?\n.*?(?=^## |\Z)", re.S | re.M)
+    text = (
+        pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    )
+    write_text_atomic(path, text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
