@@ -7,7 +7,7 @@ For the default model (fmnist_cnn) on this machine's runtime (ai-edge-litert, XN
 2. for each budget (a fraction of the unpruned model's measured p50): ours = channels allocated against the
    table (prune_to_latency, channel multiple 8); plain = Torch-Pruning with one uniform channel ratio picked
    to reach the same MACs as ours (no channel rounding, as Torch-Pruning does by default), and the same with
-   Torch-Pruning's round_to=8 (to separate channel alignment from allocation); all fine-tuned with the same
+   channel counts rounded to multiples of 8 (to separate channel alignment from allocation); all fine-tuned with the same
    distillation recipe, exported, converted with onnx2tf and measured in the same session;
 3. the latency model's error: --variants randomly pruned models (random channel counts on the table's grid,
    no fine-tune: latency does not depend on weights) predicted vs measured.
@@ -52,7 +52,7 @@ MAX_RATIO = 0.8
 METHODS = {
     "ours": "ours (latency table, multiple 8)",
     "plain": "plain Torch-Pruning, same MACs",
-    "plain8": "plain Torch-Pruning, same MACs, round_to=8",
+    "plain8": "plain Torch-Pruning, same MACs, channels rounded to 8",
 }
 log = logging.getLogger("bench.latency_pruning")
 
