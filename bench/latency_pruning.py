@@ -7,8 +7,8 @@ For the default model (fmnist_cnn) on this machine's runtime (ai-edge-litert, XN
 2. for each budget (a fraction of the unpruned model's measured p50): ours = channels allocated against the
    table (prune_to_latency, channel multiple 8); plain = Torch-Pruning with one uniform channel ratio picked
    to reach the same MACs as ours (no channel rounding, as Torch-Pruning does by default), and the same with
-   channel counts rounded to multiples of 8 (to separate channel alignment from allocation); all fine-tuned with the same
-   distillation recipe, exported, converted with onnx2tf and measured in the same session;
+   channel counts rounded to multiples of 8 (to separate channel alignment from allocation); all fine-tuned
+   with the same distillation recipe, exported, converted with onnx2tf and measured in the same session;
 3. the latency model's error: --variants randomly pruned models (random channel counts on the table's grid,
    no fine-tune: latency does not depend on weights) predicted vs measured.
 Every .tflite file is timed in --rounds round-robin passes (median of the per-pass p50s), so drift of this
