@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,19 +132,22 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
             from pipeline.stages.export_onnx import OnnxExport  # noqa: F401  (record type of the input)
 
             calib = data.calibration.subset(t.quantize.calibration_images, seed=req.seed)
+            fixes = _conversion_fixes(t, onnx.path("model.onnx"))
             files = convert_tflite(
                 _onnx_record(onnx), spec, out, precisions=precisions,
                 calibration=calib if "int8" in precisions else None, int8_io=t.quantize.int8_io,
-                log_path=out / "onnx2tf.log",
+                log_path=out / "onnx2tf.log", extra_args=fixes.args,
             )  # fmt: skip
-            return {p: {"file": f.path.name, "size_bytes": f.size_bytes} for p, f in files.items()}
+            figures: dict[str, Any] = {p: {"file": f.path.name, "size_bytes": f.size_bytes} for p, f in files.items()}
+            return {**figures, "fixes": fixes.to_dict()}
 
         return stage(
             f"convert{prefix}",
             convert_work,
             inputs={"onnx": onnx.path("model.onnx")},
-            config={"precisions": precisions, "int8_io": t.quantize.int8_io, **calib_cfg},
-        )
+            config={"precisions": precisions, "int8_io": t.quantize.int8_io, **calib_cfg,
+                    "accelerator": t.hardware.accelerator},
+        )  # fmt: skip
 
     ship = t.quantize.ship
     conv_base = export_convert("_baseline", base.path("model.pt"), (ship,))
@@ -250,6 +254,27 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
         write_json_atomic(out / "verify.json", reports)
         return reports
 
+    # 3b. Edge TPU: analysis of the shipped int8 model with the PyTorch layer behind each op; compiler if present.
+    if t.hardware.accelerator == "edgetpu":
+        from pipeline.stages.edgetpu import run_edgetpu_stage
+
+        def edgetpu_work(out: Path) -> dict[str, Any]:
+            return run_edgetpu_stage(
+                conv.path(f"model_{ship}.tflite"), _load(spec, tuned.path("model.pt")), _example(spec), out,
+                sram_mb=t.hardware.edgetpu_sram_mb or 8.0, fixes=conv.figures.get("fixes", {}),
+            )  # fmt: skip
+
+        stage(
+            "edgetpu",
+            edgetpu_work,
+            inputs={"tflite": conv.path(f"model_{ship}.tflite"), "model": tuned.path("model.pt")},
+            config={
+                "sram_mb": t.hardware.edgetpu_sram_mb,
+                "compiler": shutil.which("edgetpu_compiler") or "absent",
+                "format": "edgeship-edgetpu/1",
+            },
+        )
+
     tfl_inputs = {f"{p}": conv.path(f"model_{p}.tflite") for p in t.quantize.precisions}
     tfl_inputs["baseline"] = conv_base.path(f"model_{ship}.tflite")
     stage("verify", verify_work, inputs={**tfl_inputs, "model": tuned.path("model.pt")}, config=test_cfg)
@@ -305,6 +330,13 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
         summary, conv, req.artifacts_dir / t.name, report_path=report_path, spec_meta=spec_meta, io=io
     )
     return DeployResult(bundle_dir, bundle_dir / "report.md", summary)
+
+
+def _conversion_fixes(t: TargetProfile, onnx_path: Path):
+    """onnx2tf options that keep ops on the target's accelerator (none for CPU targets)."""
+    from pipeline.edgetpu.fixes import ConversionFixes, edgetpu_fixes
+
+    return edgetpu_fixes(onnx_path) if t.hardware.accelerator == "edgetpu" else ConversionFixes((), ())
 
 
 def _budget_hint(t: TargetProfile, misses: list[dict[str, Any]], summary: Mapping[str, Any]) -> str:
@@ -403,4 +435,4 @@ def _onnx_record(rec: StageRecord):
 def _tflite_records(rec: StageRecord):
     from pipeline.stages.convert_tflite import describe_tflite
 
-    return {p: describe_tflite(p, rec.path(v["file"])) for p, v in rec.figures.items()}
+    return {p: describe_tflite(p, rec.path(v["file"])) for p, v in rec.figures.items() if p != "fixes"}

@@ -639,3 +639,100 @@ def test_real_leaky_relu_model_falls_back_at_leaky_relu(leaky_files, tmp_path: P
     md = analyze(path, compiler=res).to_markdown()
     # the hand-written log was written for this model (uint8 I/O), so both sides show 4 / 6
     assert "ops on the Edge TPU: 4, on the CPU: 6 (this analysis: 4 / 6)" in md
+
+
+# ------------------------------------------------------------------ feedback to PyTorch, fixes, the deploy stage
+
+
+def test_fixes_are_chosen_from_the_onnx_graph(tmp_path: Path) -> None:
+    from pipeline.edgetpu.fixes import edgetpu_fixes
+    from pipeline.stages.export_onnx import export_onnx
+
+    found = {}
+    for name, act in (("relu", nn.ReLU()), ("leaky", nn.LeakyReLU(0.1)), ("hswish", nn.Hardswish())):
+        torch.manual_seed(0)
+        onnx = export_onnx(TinyCNN(act).eval(), _spec(name), tmp_path / name / "model.onnx")
+        found[name] = edgetpu_fixes(onnx.path)
+    assert found["relu"].args == () and found["relu"].notes == ()
+    assert found["leaky"].args == ("-rtpo", "LeakyReLU") and "LeakyReLU rewritten" in found["leaky"].notes[0]
+    assert found["hswish"].args == ("-rtpo", "HardSwish")
+
+
+@pytest.mark.slow
+def test_attribution_names_the_pytorch_layer_of_every_weighted_op(relu_files, relu_cnn) -> None:
+    from pipeline.edgetpu.attribution import attribute_ops
+
+    refs = attribute_ops(relu_files["int8"].path, relu_cnn, torch.zeros(1, 1, 28, 28))
+    ops = [o.name for o in read_tflite(relu_files["int8"].path).main.operators]
+    assert len(refs) == len(ops)
+    weighted = [(ops[r.op_index], r.layer, r.how) for r in refs if ops[r.op_index] in ("CONV_2D", "FULLY_CONNECTED")]
+    assert weighted == [
+        ("CONV_2D", "c1.0", "weight shape"),
+        ("CONV_2D", "c2.0", "weight shape"),
+        ("CONV_2D", "c3.0", "weight shape"),
+        ("FULLY_CONNECTED", "fc", "weight shape"),
+    ]
+    pool = next(r for r in refs if ops[r.op_index] == "MAX_POOL_2D")
+    assert (pool.layer, pool.how) == ("c1.3", "module type order")
+
+
+@pytest.mark.slow
+def test_stage_points_a_fallback_at_its_pytorch_layer_and_the_fix_removes_it(
+    leaky_files, calibration, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.edgetpu.fixes import edgetpu_fixes
+    from pipeline.stages.convert_tflite import convert_tflite
+    from pipeline.stages.edgetpu import run_edgetpu_stage
+    from pipeline.stages.export_onnx import export_onnx
+    from pipeline.stages.verify import verify_tflite
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty") + os.pathsep + str(Path(sys.executable).parent))
+    torch.manual_seed(0)
+    model = TinyCNN(nn.LeakyReLU(0.1)).eval()  # the same seeded weights as leaky_files
+    ex = torch.zeros(1, 1, 28, 28)
+
+    # without the fix: LEAKY_RELU falls back, and the report names nn.LeakyReLU at c2.2
+    out = run_edgetpu_stage(leaky_files["int8"].path, model, ex, tmp_path / "plain", sram_mb=8.0, fixes={})
+    assert not out["fully_mapped"] and out["first_fallback"]["op"] == "LEAKY_RELU"
+    assert out["first_fallback"]["pytorch_layer"] == "c2.2"
+    row = out["layer_feedback"][0]
+    assert row["layer"] == "c2.2" and row["layer_type"] == "LeakyReLU" and "nn.LeakyReLU" in row["what_to_change"][0]
+    md = (tmp_path / "plain" / "edgetpu.md").read_text()
+    assert "comes from PyTorch layer `c2.2` (LeakyReLU)" in md and "| **no** | `c2.2` |" in md
+    assert not out["compiler"]["available"] and out["edgetpu_model"] is None
+    assert json.loads((tmp_path / "plain" / "edgetpu.json").read_text())["analysis"]["ops"][0]["index"] == 0
+
+    # with the fix the pipeline applies for Edge TPU targets: fully mapped, and still the same model
+    onnx = export_onnx(model, _spec("leaky-fixed"), tmp_path / "fixed" / "model.onnx")
+    fixes = edgetpu_fixes(onnx.path)
+    files = convert_tflite(onnx, _spec("leaky-fixed"), tmp_path / "fixed", precisions=["int8"],
+                           calibration=calibration, int8_io="uint8", extra_args=fixes.args)  # fmt: skip
+    fixed = run_edgetpu_stage(files["int8"].path, model, ex, tmp_path / "fixed-tpu", sram_mb=8.0,
+                              fixes=fixes.to_dict())  # fmt: skip
+    assert fixed["fully_mapped"] and fixed["cpu_ops"] == 0 and fixed["layer_feedback"] == []
+    assert "LEAKY_RELU" not in [o.op for o in analyze(files["int8"].path).ops]
+    assert "Fixed during conversion: LeakyRelu" in (tmp_path / "fixed-tpu" / "edgetpu.md").read_text()
+    parity = verify_tflite(files, model, _spec("leaky-fixed"), calibration).precisions[0]
+    assert parity.agreement >= 0.9, parity
+
+
+def test_stage_ships_the_compiled_model_when_the_compiler_is_present(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.stages.edgetpu import run_edgetpu_stage
+
+    _fake_compiler(tmp_path / "bin", DATA / "compiler16_fully_mapped.log")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    model_path = conv_model(tmp_path, name="model_int8.tflite")
+    torch.manual_seed(0)
+    out = run_edgetpu_stage(model_path, nn.Sequential(nn.Conv2d(4, 8, 3, padding=1)), torch.zeros(1, 4, 8, 8),
+                            tmp_path / "stage", sram_mb=8.0, fixes={})  # fmt: skip
+    assert out["compiler"]["available"] and out["compiler"]["ok"] and out["edgetpu_model"] == "model_edgetpu.tflite"
+    assert (tmp_path / "stage" / "model_edgetpu.tflite").read_bytes() == model_path.read_bytes()
+    assert "### edgetpu_compiler" in (tmp_path / "stage" / "edgetpu.md").read_text()
+
+    _fake_compiler(tmp_path / "bin", DATA / "compiler16_refused_op_version.log", rc=1)
+    with pytest.raises(ConversionError):
+        run_edgetpu_stage(model_path, nn.Sequential(nn.Conv2d(4, 8, 3, padding=1)), torch.zeros(1, 4, 8, 8),
+                          tmp_path / "stage2", sram_mb=8.0, fixes={})  # fmt: skip

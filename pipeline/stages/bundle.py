@@ -80,9 +80,20 @@ def summarize(req: DeployRequest, *, records: Mapping[str, StageRecord]) -> dict
         "variants": variants,
         "latency_model": _latency_model(pruned.get("latency"), shipped),
         "budgets": budgets,
+        "edgetpu": _edgetpu(records),
         "stages": {n: {"seconds": r.seconds, "skipped": r.skipped} for n, r in records.items()},
         "tools": tool_versions(),
     }  # fmt: skip
+
+
+def _edgetpu(records: Mapping[str, StageRecord]) -> dict[str, Any] | None:
+    """The Edge TPU stage's figures plus its Markdown table, for the report and the bundle."""
+    rec = records.get("edgetpu")
+    if rec is None:
+        return None
+    md = rec.path("edgetpu.md")
+    return {**rec.figures, "markdown": md.read_text(encoding="utf-8") if md.is_file() else None,
+            "dir": str(rec.folder)}  # fmt: skip
 
 
 def _latency_model(fig: Mapping[str, Any] | None, shipped: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -220,6 +231,16 @@ def render_report(s: Mapping[str, Any]) -> str:
             f"Channels chosen against the measured per-layer table; the measured latency {verdict}.",
             "",
         ]
+    if et := s.get("edgetpu"):
+        lines += [
+            "## Edge TPU",
+            "",
+            f"Status: **{et['status']}** ({et['tpu_ops']} ops on the Edge TPU, {et['cpu_ops']} on the CPU), "
+            f"checked from the .tflite itself against the published rules; on-chip memory {et['sram_mb']:g} MiB.",
+            "",
+            et.get("markdown") or "",
+            "",
+        ]
     lines += ["## Budgets", "", "| budget | limit | value | status | note |", "|---|---|---|---|---|"]
     for b in s["budgets"]:
         lines.append(f"| {b['name']} | {b['limit']} | {b['value']} | **{b['status']}** | {b['note']} |")
@@ -267,6 +288,11 @@ def publish(
     (tmp / "variants").mkdir()
     for p in summary["variants"]:
         shutil.copyfile(conv.path(f"model_{p}.tflite"), tmp / "variants" / f"model_{p}.tflite")
+    et = summary.get("edgetpu")
+    if et and et.get("edgetpu_model"):
+        shutil.copyfile(Path(et["dir"]) / et["edgetpu_model"], tmp / "model_edgetpu.tflite")
+    if et:
+        shutil.copyfile(Path(et["dir"]) / "edgetpu.json", tmp / "edgetpu.json")
     (tmp / "labels.txt").write_text("\n".join(spec_meta["class_names"]) + "\n", encoding="utf-8")
     write_json_atomic(tmp / "metadata.json", _metadata(summary, spec_meta, io))
     shutil.copyfile(report_path, tmp / "report.md")

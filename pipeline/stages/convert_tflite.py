@@ -103,8 +103,11 @@ def _vector(values: Sequence[float]) -> str:
     return "[[[[" + ",".join(repr(float(v)) for v in values) + "]]]]"
 
 
-def _argv(onnx: OnnxExport, spec: ModelSpec, *, int8: bool, int8_io: str, quant_type: str) -> list[str]:
+def _argv(
+    onnx: OnnxExport, spec: ModelSpec, *, int8: bool, int8_io: str, quant_type: str, extra: Sequence[str] = ()
+) -> list[str]:
     argv = [sys.executable, "-m", "onnx2tf", "-i", "model.onnx", "-o", "out", "-b", "1", "-osd", "-v", "info"]
+    argv += list(extra)
     if int8:
         argv += ["-oiqt", "-qt", quant_type, "-cind", onnx.input_name, "calib.npy"]
         argv += [_vector(spec.mean), _vector(spec.std)]
@@ -219,11 +222,13 @@ def convert_tflite(
     quant_type: Literal["per-channel", "per-tensor"] = "per-channel",
     timeout_s: float = 900,
     log_path: Path | None = None,
+    extra_args: Sequence[str] = (),
 ) -> dict[str, TfliteFile]:
     """Run onnx2tf once for all `precisions`; return {precision: TfliteFile} for model_<precision>.tflite.
 
-    Raises ConversionError (with onnx2tf's last lines and argv) when it fails, times out, or does not emit a
-    requested file with the expected I/O types.
+    `extra_args` are further onnx2tf options (e.g. `-rtpo LeakyReLU` for the Edge TPU: see
+    pipeline/edgetpu/fixes.py). Raises ConversionError (with onnx2tf's last lines and argv) when it fails, times
+    out, or does not emit a requested file with the expected I/O types.
     """
     _check_args(precisions, spec, calibration, int8_io)
     if not Path(onnx.path).is_file():
@@ -231,7 +236,7 @@ def convert_tflite(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     int8 = "int8" in precisions
-    argv = _argv(onnx, spec, int8=int8, int8_io=int8_io, quant_type=quant_type)
+    argv = _argv(onnx, spec, int8=int8, int8_io=int8_io, quant_type=quant_type, extra=extra_args)
     workdir = Path(tempfile.mkdtemp(prefix=".onnx2tf-", dir=out_dir))
     logfile = workdir / "onnx2tf.log"
     try:
