@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.data.imageset import ImageSet
 from pipeline.errors import DatasetError
 from pipeline.models.spec import ModelSpec
@@ -58,7 +60,25 @@ class DataPlan:
         folder = self.data_dir / split
         if not folder.is_dir():
             raise DatasetError(f"{folder}: no such folder; --data DIR needs DIR/{split}/<class>/<images>")
-        return load_image_folder(folder, size=(h, w), channels=c)
+        return self._to_model_classes(load_image_folder(folder, size=(h, w), channels=c))
+
+    def _to_model_classes(self, data: ImageSet) -> ImageSet:
+        """Folder labels (0..K-1 in sorted folder order) -> the model's class indices, matched by name.
+
+        A folder set that names a subset of the model's classes (e.g. `imagenet_285/` for a 1000-class model)
+        is relabelled; folders that are not the model's classes are an error rather than silently wrong."""
+        names = self.spec.class_names
+        if data.class_names == names or data.labels is None:
+            return data
+        index = {n: i for i, n in enumerate(names)}
+        unknown = [n for n in data.class_names if n not in index]
+        if unknown:
+            raise DatasetError(
+                f"{data.source}: class folders {unknown[:5]} are not classes of model {self.spec.name} "
+                f"({len(names)} classes: {', '.join(names[:3])}, ...); name each folder after a model class"
+            )
+        mapping = np.array([index[n] for n in data.class_names], dtype=np.int64)
+        return ImageSet(data.images, mapping[data.labels], names, data.source)
 
     @cached_property
     def train(self) -> ImageSet:
