@@ -60,3 +60,7 @@ class DeviceError(PipelineError):
 
 class LockError(PipelineError):
     """Another run holds the lock of the same target."""
+
+
+class ShipError(PipelineError):
+    """A bundle cannot be shipped into an app: unknown app layout, unsafe destination, newer model there."""

@@ -136,6 +136,17 @@ class Power(_Frozen):
     kind: Literal["none", "rpi5_pmic", "hwmon", "android_battery", "odpm", "rapl"] = "none"
     idle_w: float | None = Field(default=None, gt=0)
     active_w: float | None = Field(default=None, gt=0)
+    # sensor options passed to the device-side sampler (pipeline/remote/power_sampler.py)
+    gain: float | None = Field(default=None, gt=0, le=10)  # rpi5_pmic calibration: W_board = gain * W_pmic + offset
+    offset_w: float | None = Field(default=None, ge=-10, le=10)
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")  # hwmon chip name (ina219, ina226, ina260)
+    supply: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")  # android power_supply name (battery)
+    current_unit: Literal["uA", "mA"] | None = None
+    voltage_unit: Literal["uV", "mV"] | None = None
+    rails: tuple[str, ...] | None = None  # odpm rails to sum (default: all)
+    zones: tuple[str, ...] | None = None  # rapl zones to sum (default: package-*)
+    rate_hz: float | None = Field(default=None, gt=0, le=1000)
+    idle_s: float = Field(default=3.0, ge=0, le=60)  # idle power measured this long before the benchmark
 
 
 class TargetProfile(_Frozen):
