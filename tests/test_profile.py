@@ -67,3 +67,38 @@ def test_runner_is_standalone() -> None:
     text = RUNNER.read_text()
     assert "import pipeline" not in text and "from pipeline" not in text
     assert np  # numpy is the runner's only third-party import besides the interpreter
+
+
+def _runner(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RUNNER), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_runner_without_the_edgetpu_runtime_says_what_to_install(tflite_file: Path) -> None:
+    proc = _runner("--model", str(tflite_file), "--runs", "5", "--delegate", "edgetpu")
+    assert proc.returncode != 0
+    assert "DELEGATE_ERROR: cannot load the edgetpu delegate" in proc.stderr
+    assert "libedgetpu.so.1: cannot open shared object file" in proc.stderr  # the runtime's own OSError text
+    assert "libedgetpu1-std" in proc.stderr
+
+
+def test_runner_samples_power_during_the_timed_runs_and_idle_before(tflite_file: Path) -> None:
+    import json
+
+    root = Path(__file__).parent / "data" / "power" / "hwmon" / "ina226"
+    proc = _runner("--model", str(tflite_file), "--runs", "50", "--min-seconds", "0.3", "--power", "hwmon",
+                   "--power-options", json.dumps({"root": str(root)}), "--idle-seconds", "0.2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    power = parse_runner_output(proc.stdout, where="here")["power"]
+    assert power["kind"] == "hwmon" and power["errors"] == []
+    for phase in ("idle", "active"):
+        reading = power[phase]
+        assert reading["ok"] and reading["samples"] >= 2, reading
+        assert reading["avg_w"] == pytest.approx(6.150, rel=1e-3)  # the fixture's power1_input
+    assert power["active"]["duration_s"] >= 0.25
+
+
+def test_runner_reports_the_latency_distribution(tflite_file: Path) -> None:
+    result = parse_runner_output(_runner("--model", str(tflite_file), "--runs", "40").stdout, where="here")
+    q = result["quantiles_ms"]
+    assert len(q) == 21 and q == sorted(q)
+    assert q[10] == pytest.approx(result["latency_ms"]["p50"], rel=1e-3) and q[0] == result["latency_ms"]["min"]

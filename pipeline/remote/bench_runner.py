@@ -97,19 +97,57 @@ def _random_input(np, detail):
     return rng.standard_normal(shape).astype(dtype)
 
 
-def _time(interp, *, warmup: int, runs: int, min_seconds: float, max_seconds: float) -> list[float]:
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _time(interp, *, warmup: int, runs: int, min_seconds: float, max_seconds: float, during=None) -> list[float]:
+    """Warm up, then time invoke() `runs` times (or longer, up to the limits); `during` (a context manager, e.g.
+    the power sampler) is entered around the timed loop only."""
     for _ in range(warmup):
         interp.invoke()
     times = []
-    start = time.perf_counter()
-    deadline, floor = start + max_seconds, start + min(min_seconds, max_seconds)
-    while True:
-        s = time.perf_counter()
-        interp.invoke()
-        now = time.perf_counter()
-        times.append((now - s) * 1000)
-        if now > deadline or (len(times) >= runs and now >= floor):
-            return sorted(times)
+    with during if during is not None else _Nothing():
+        start = time.perf_counter()
+        deadline, floor = start + max_seconds, start + min(min_seconds, max_seconds)
+        while True:
+            s = time.perf_counter()
+            interp.invoke()
+            now = time.perf_counter()
+            times.append((now - s) * 1000)
+            if now > deadline or (len(times) >= runs and now >= floor):
+                return sorted(times)
+
+
+def _load_delegate(interpreter_class, name: str):
+    """An external delegate by library name (edgetpu -> libedgetpu.so.1), or SystemExit saying what to install."""
+    lib = {"edgetpu": "libedgetpu.so.1"}.get(name, name)
+    module = sys.modules[interpreter_class.__module__]
+    try:
+        return module.load_delegate(lib)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise SystemExit(
+            f"DELEGATE_ERROR: cannot load the {name} delegate ({type(exc).__name__}: {exc}). For a Coral USB "
+            "Accelerator or Dev Board install the Edge TPU runtime (apt-get install libedgetpu1-std from Coral's "
+            "repository), plug the accelerator in, and profile the *_edgetpu.tflite model."
+        ) from None
+
+
+def _power_module():
+    """power_sampler.py from beside this script (it is copied with it), or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        import power_sampler
+
+        return power_sampler, None
+    except Exception as exc:  # e.g. a Python too old for it on the device
+        return None, f"power_sampler unavailable: {exc}"
 
 
 def _many(np, args) -> int:
@@ -156,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         help="keep timing past --runs until this long has passed (steadier percentiles for fast models)",
     )
     p.add_argument("--cpus", default="", help="pin to these CPUs (comma list), where the OS allows it")
+    p.add_argument("--delegate", default="", help="external delegate to load: edgetpu, or a library path")
+    p.add_argument("--power", default="none", help="power source to sample (power_sampler.py kinds), or none")
+    p.add_argument("--power-options", default="{}", help="JSON options for the power sampler")
+    p.add_argument("--power-rate", type=float, default=0.0, help="sampling rate in Hz (0: the source's default)")
+    p.add_argument("--idle-seconds", type=float, default=3.0, help="idle power is measured this long first")
     args = p.parse_args(argv)
     if bool(args.model) == bool(args.many):
         p.error("give exactly one of --model or --many")
@@ -171,14 +214,33 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, cpus)
         pinned = sorted(cpus)
     interpreter_class, runtime, runtime_version = _interpreter_class()
+    power_mod, power_error, idle, sampler = None, None, None, None
+    power_options = json.loads(args.power_options)
+    rate = args.power_rate or None
+    if args.power != "none":
+        power_mod, power_error = _power_module()
+        if power_mod is not None:  # idle first, before the model is loaded
+            idle = power_mod.measure_idle(args.power, args.idle_seconds, rate_hz=rate, options=power_options)
+            sampler = power_mod.Sampler(args.power, rate_hz=rate, options=power_options)
     rss_start = _rss_kib()  # after numpy and the runtime are imported: what follows is the model's
     t0 = time.perf_counter()
-    interp = interpreter_class(model_path=args.model, num_threads=args.threads)
+    delegates = [_load_delegate(interpreter_class, args.delegate)] if args.delegate else None
+    if delegates:
+        interp = interpreter_class(model_path=args.model, num_threads=args.threads, experimental_delegates=delegates)
+    else:
+        interp = interpreter_class(model_path=args.model, num_threads=args.threads)
     interp.allocate_tensors()
     load_ms = (time.perf_counter() - t0) * 1000
     inp = interp.get_input_details()[0]
     interp.set_tensor(inp["index"], _random_input(np, inp))
-    ms = _time(interp, warmup=args.warmup, runs=args.runs, min_seconds=args.min_seconds, max_seconds=args.max_seconds)
+    ms = _time(
+        interp,
+        warmup=args.warmup,
+        runs=args.runs,
+        min_seconds=args.min_seconds,
+        max_seconds=args.max_seconds,
+        during=sampler,
+    )
     out = interp.get_output_details()[0]
     interp.get_tensor(out["index"])
     mean = sum(ms) / len(ms)
@@ -207,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "python": platform.python_version(),
         "input": {"shape": [int(d) for d in inp["shape"]], "dtype": np.dtype(inp["dtype"]).name},
+        "quantiles_ms": [round(_percentile(ms, q / 100), 4) for q in range(0, 101, 5)],  # the distribution
+        "delegate": args.delegate or None,
     }
+    if args.power != "none":
+        active = sampler.result() if sampler is not None else None
+        errors = [power_error] if power_error else []
+        result["power"] = {"kind": args.power, "idle": idle, "active": active, "errors": errors}
     print(json.dumps(result))
     return 0
 
