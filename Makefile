@@ -6,12 +6,15 @@ PY := $(VENV)/bin/python
 TARGET ?= rpi
 MODEL ?= fmnist_cnn
 ARGS ?=
+DEVICE ?=
+DEVICE_ARG = $(if $(DEVICE),--device '$(DEVICE)',)
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: help setup data deploy baseline calibration test test-fast lint format bench clean targets
+.PHONY: help setup data deploy profile baseline calibration test test-fast lint format bench clean targets
 
 help:
-	@echo "make deploy TARGET=rpi|rpi4|rpi5|android|coral|host [MODEL=fmnist_cnn|efficientnet_lite0] [ARGS=...]"
+	@echo "make deploy TARGET=rpi|rpi4|rpi5|android|coral|host [MODEL=fmnist_cnn|efficientnet_lite0] [DEVICE=...] [ARGS=...]"
+	@echo "make profile TARGET=rpi DEVICE=pi@raspberrypi.local   (android: DEVICE=<adb serial>; several: a,b,c)"
 	@echo "make test        all tests (what CI runs)      make test-fast   skip the slow ones"
 	@echo "make baseline    retrain the default Fashion-MNIST model and rewrite models/fmnist_cnn.pt"
 	@echo "make targets     list target profiles          make bench       run the benchmarks"
@@ -34,7 +37,11 @@ data:
 	  else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; }
 
 deploy: setup
-	$(PY) -m pipeline deploy --target $(TARGET) --model $(MODEL) $(ARGS)
+	$(PY) -m pipeline deploy --target $(TARGET) --model $(MODEL) $(DEVICE_ARG) $(ARGS)
+
+# Profile the deployed bundle on a device: make profile TARGET=rpi DEVICE=pi@raspberrypi.local (or a,b,c)
+profile: $(VENV)/.installed
+	$(PY) -m pipeline profile --target $(TARGET) $(DEVICE_ARG) $(ARGS)
 
 targets: $(VENV)/.installed
 	$(PY) -m pipeline targets

@@ -55,10 +55,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
     d.add_argument("--force", action="store_true", help="re-run every stage even when up to date")
     d.add_argument("--allow-budget-miss", action="store_true", help="publish the bundle even if a budget is missed")
+    _device_args(d)
+
+    pr = sub.add_parser("profile", help="profile a deployed bundle (or any .tflite) on attached devices")
+    pr.add_argument("--target", required=True, help="target name or YAML path (profiling settings, transport)")
+    pr.add_argument("--model-file", type=Path, action="append", help="a .tflite to profile (default: the bundle's)")
+    pr.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
+    _device_args(pr)
 
     t = sub.add_parser("targets", help="list the target profiles, or validate one")
     t.add_argument("name", nargs="?", help="validate and print this target (name or YAML path)")
     return p
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="where to profile: user@host[:port], adb:SERIAL, local; several: a,b,c")
+    p.add_argument("--identity", type=Path, help="ssh private key to use (default: your ssh config)")
+    p.add_argument("--known-hosts", type=Path, help="known_hosts file to check host keys against")
+
+
+def _ssh_options(args: argparse.Namespace):
+    if not (args.identity or args.known_hosts):
+        return None
+    from pipeline.devices import SshOptions
+
+    for path in (args.identity, args.known_hosts):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    return SshOptions(known_hosts=args.known_hosts, identity=args.identity)
 
 
 def _model_spec(args: argparse.Namespace):
@@ -97,6 +121,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         artifacts_dir=args.artifacts_dir,
         force=args.force,
         allow_budget_miss=args.allow_budget_miss,
+        devices=args.device,
+        ssh_options=_ssh_options(args),
     )
     print(f"edgeship: deploying {spec.name} for {target.name} ({target.description})", file=sys.stderr)
     start = time.perf_counter()
@@ -142,6 +168,46 @@ def _summary_table(s) -> str:
     return "\n".join(out)
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Profile the bundle's model (or --model-file) on the devices; one table row per device and file."""
+    from pipeline.artifacts import write_json_atomic
+    from pipeline.devices import from_profile, parse_devices, profile_devices
+    from pipeline.errors import DeviceError
+    from pipeline.stages.profile import BenchSettings
+    from pipeline.targets import load_target
+
+    t = load_target(args.target)
+    files = args.model_file or [args.artifacts_dir / t.name / "model.tflite"]
+    for f in files:
+        if not f.is_file():
+            raise UsageError(f"{f}: no such model; run `make deploy TARGET={t.name}` first or give --model-file")
+    specs = parse_devices(args.device, t.transport) if args.device else (from_profile(t.transport, target=t.name),)
+    p = t.profiling
+    from pipeline.deploy import _power_args
+
+    settings = BenchSettings(threads=p.threads, warmup=p.warmup, runs=p.runs, min_seconds=p.min_seconds,
+                             extra_args=_power_args(t))  # fmt: skip
+    names = {f"{i}:{f.name}" if len(files) > 1 else f.name: f for i, f in enumerate(files)}
+    runs = profile_devices(names, settings, specs, ssh_options=_ssh_options(args))
+    out = {name: run.to_json() for name, run in runs.items()}
+    dest = args.artifacts_dir / t.name / "profile-devices.json"
+    write_json_atomic(dest, out)
+    for name, run in runs.items():
+        for model, r in run.results.items():
+            lat = r["latency_ms"]
+            print(f"{name:<24} {model:<24} p50 {lat['p50']:.4f} ms  p99 {lat.get('p99', float('nan')):.4f} ms  "
+                  f"{r.get('runtime')} {r.get('runtime_version')}  ({r.get('measured')})")  # fmt: skip
+        for model, why in run.failed.items():
+            print(f"{name:<24} {model:<24} failed: {why}")
+        if run.error:
+            print(f"{name:<24} error: {run.error}")
+    print(f"figures: {dest}")
+    bad = [n for n, r in runs.items() if not r.ok]
+    if bad:
+        raise DeviceError(f"profiling failed on {', '.join(bad)}; what was measured is in {dest}")
+    return 0
+
+
 def cmd_targets(args: argparse.Namespace) -> int:
     from pipeline.targets import available_targets, load_target, resolve_target_path
 
@@ -169,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return cmd_deploy(args)
             case "targets":
                 return cmd_targets(args)
+            case "profile":
+                return cmd_profile(args)
     except PipelineError as exc:
         print(f"edgeship: error: {exc}", file=sys.stderr)
         return exc.exit_code

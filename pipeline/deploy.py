@@ -40,6 +40,8 @@ class DeployRequest:
     force: bool = False
     allow_budget_miss: bool = False
     seed: int = 0
+    devices: str | None = None  # DEVICE: "pi@host", "adb:SERIAL", "a,b,c"; None: the profile's own, else here
+    ssh_options: Any = None  # pipeline.devices.SshOptions (known_hosts, identity) or None for the user's config
 
 
 @dataclass(frozen=True)
@@ -279,19 +281,25 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
     tfl_inputs["baseline"] = conv_base.path(f"model_{ship}.tflite")
     stage("verify", verify_work, inputs={**tfl_inputs, "model": tuned.path("model.pt")}, config=test_cfg)
 
-    # 5. profile every TFLite file (here: on this machine).
+    # 5. profile every TFLite file: on the devices named by DEVICE or the profile, else on this machine.
+    specs = device_specs(req)
+
     def profile_work(out: Path) -> dict[str, Any]:
-        results = {name: _bench(path, t) for name, path in tfl_inputs.items()}
+        if not specs:
+            results = {name: _bench(path, t) for name, path in tfl_inputs.items()}
+        else:
+            results = _profile_on_devices(req, specs, tfl_inputs, run_dir)
         write_json_atomic(out / "profile.json", results)
         return results
 
     from pipeline.stages.profile import RUNNER
 
+    where = {"devices": [s.name for s in specs]} if specs else {"host": platform.node(), "cores": _host_cores()}
     stage(
         "profile",
         profile_work,
         inputs={**tfl_inputs, "runner": RUNNER},
-        config={**t.profiling.model_dump(mode="json"), "host": platform.node(), "cores": _host_cores()},
+        config={**t.profiling.model_dump(mode="json"), **where, "power": t.power.model_dump(mode="json")},
     )
 
     summary = bundle_stage.summarize(req, records=records)
@@ -362,15 +370,68 @@ def _budget_hint(t: TargetProfile, misses: list[dict[str, Any]], summary: Mappin
     return " ".join(hints)
 
 
+def _power_args(t: TargetProfile) -> tuple[str, ...]:
+    """Runner options that sample the profile's power source (none when power.kind is none)."""
+    import json
+
+    from pipeline.power.energy import sampler_options
+
+    pw = t.power
+    if pw.kind == "none":
+        return ()
+    args = ["--power", pw.kind, "--power-options", json.dumps(sampler_options(pw)), "--idle-seconds", str(pw.idle_s)]
+    return (*args, "--power-rate", str(pw.rate_hz)) if pw.rate_hz else tuple(args)
+
+
 def _bench(path: Path, t: TargetProfile) -> dict[str, Any]:
-    """Benchmark one .tflite file here with the profile's settings (threads capped at this machine's cores)."""
+    """Benchmark one .tflite file here with the profile's settings (threads capped at this machine's cores).
+    Power is sampled only when this machine is the target itself (a local transport)."""
     from pipeline.stages.profile import BenchSettings, profile_local
 
     p = t.profiling
     settings = BenchSettings(
-        threads=min(p.threads, _host_cores()), warmup=p.warmup, runs=p.runs, min_seconds=p.min_seconds
-    )
+        threads=min(p.threads, _host_cores()), warmup=p.warmup, runs=p.runs, min_seconds=p.min_seconds,
+        extra_args=_power_args(t) if t.transport.kind == "local" else (),
+    )  # fmt: skip
     return profile_local(path, settings)
+
+
+def device_specs(req: DeployRequest) -> tuple[Any, ...]:
+    """The devices to profile on: DEVICE when given, else the profile's own when it names one (ssh host, adb
+    serial); none means this machine stands in (and the report says so)."""
+    from pipeline.devices import from_profile, parse_devices
+
+    tr = req.target.transport
+    if req.devices:
+        return parse_devices(req.devices, tr)
+    if (tr.kind == "ssh" and tr.host) or (tr.kind == "adb" and tr.serial):
+        return (from_profile(tr, target=req.target.name),)
+    return ()
+
+
+def _profile_on_devices(req: DeployRequest, specs: tuple[Any, ...], files: Mapping[str, Path],
+                        run_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """Profile every file on every device in parallel. The figures of the first device are the deploy's; all
+    devices' are kept under "devices". A device that fails stops the stage with a DeviceError, after whatever
+    was measured has been written to runs/<target>/profile-devices.json."""
+    from pipeline.devices import profile_devices
+    from pipeline.errors import DeviceError
+    from pipeline.stages.profile import BenchSettings
+
+    t = req.target
+    p = t.profiling
+    settings = BenchSettings(threads=p.threads, warmup=p.warmup, runs=p.runs, min_seconds=p.min_seconds,
+                             extra_args=_power_args(t))  # fmt: skip
+    runs = profile_devices(files, settings, specs, ssh_options=req.ssh_options)
+    record = {name: run.to_json() for name, run in runs.items()}
+    partial = run_dir / "profile-devices.json"
+    write_json_atomic(partial, record)
+    bad = {name: run for name, run in runs.items() if not run.ok}
+    if bad:
+        why = "; ".join(f"{n}: {r.error or r.failed}" for n, r in bad.items())
+        raise DeviceError(f"profiling on {', '.join(bad)} failed ({why}). What was measured is kept in {partial}.")
+    primary = runs[specs[0].name]
+    return {**{name: primary.results[name] for name in files}, "devices": record}
 
 
 def _latency_table_stage(stage: Callable[..., StageRecord], req: DeployRequest, spec: ModelSpec,

@@ -201,3 +201,36 @@ def test_cli_reports_a_broken_checkpoint(workspace: dict, tmp_path: Path) -> Non
     assert "edgeship: error:" in proc.stderr and str(bad) in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "art").exists()
+
+
+pytest_plugins = ("devices_fixtures",)
+
+
+def test_deploy_profiles_on_a_device_over_real_ssh(workspace: dict, sshd) -> None:
+    """DEVICE=root@127.0.0.1:PORT: the profile stage (only) reruns, on the 'device' behind a real sshd; the
+    figures say where they were measured and the latency budget is checked there."""
+    from dataclasses import replace
+
+    tmp = workspace["tmp"] / "device"
+    tmp.mkdir(exist_ok=True)
+    data = yaml.safe_load(_profile(tmp).read_text())
+    data["transport"] = {"kind": "ssh", "user": "root", "python": sys.executable, "workdir": str(tmp / "remote")}
+    (tmp / "tinyhost.yaml").write_text(yaml.safe_dump(data))
+    req = replace(
+        workspace["request"](tmp / "tinyhost.yaml"),
+        artifacts_dir=tmp / "artifacts",
+        devices=f"root@127.0.0.1:{sshd.port}",
+        ssh_options=sshd.options(),
+    )
+    seen: list[tuple[str, bool]] = []
+    result = deploy(req, lambda name, rec: seen.append((name, rec.skipped)))
+    assert [n for n, skipped in seen if not skipped] == ["profile"]
+    s = result.summary
+    device = f"root@127.0.0.1:{sshd.port}"
+    assert s["variants"]["int8"]["measured_on"].endswith("ssh)")
+    assert s["devices"][device]["error"] is None and set(s["devices"][device]["results"]) >= {"int8", "baseline"}
+    lat = {b["name"]: b for b in s["budgets"]}["latency p50 (ms)"]
+    assert lat["status"] == "met"  # checked: the figures came from the device, not a stand-in
+    assert sshd.accepted_logins() >= 1
+    text = (result.bundle / "report.md").read_text()
+    assert "## Devices" in text and device in text

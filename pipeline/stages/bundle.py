@@ -20,7 +20,19 @@ if TYPE_CHECKING:
     from pipeline.deploy import DeployRequest
 
 
-def _variant(prof: Mapping[str, Any], ver: Mapping[str, Any] | None) -> dict[str, Any]:
+def _energy(prof: Mapping[str, Any], power: Any) -> dict[str, Any] | None:
+    """Energy per inference: measured when the runner sampled a sensor, else estimated from the profile's
+    power figures (labelled estimated), else None."""
+    from pipeline.power.energy import energy_summary
+
+    pw = prof.get("power") or {}
+    lat = prof["latency_ms"]
+    s = energy_summary(pw.get("idle"), pw.get("active"), latency_ms=lat.get("mean", lat["p50"]),
+                       inferences=prof["runs"], profile_power=power)  # fmt: skip
+    return s if s.get("available") else None
+
+
+def _variant(prof: Mapping[str, Any], ver: Mapping[str, Any] | None, power: Any = None) -> dict[str, Any]:
     lat = prof["latency_ms"]
     out = {
         "size_bytes": prof["size_bytes"],
@@ -32,6 +44,8 @@ def _variant(prof: Mapping[str, Any], ver: Mapping[str, Any] | None) -> dict[str
         "threads": prof["threads"],
         "runs": prof["runs"],
         "measured_on": f"{prof['device']['name']} ({prof['device']['machine']}, {prof['device']['transport']})",
+        "latency_quantiles_ms": prof.get("quantiles_ms"),
+        "energy": _energy(prof, power) if power is not None else None,
     }
     if ver is not None:
         out.update({k: ver.get(k) for k in ("accuracy", "agreement", "max_abs_diff", "mean_abs_diff")})
@@ -49,10 +63,11 @@ def summarize(req: DeployRequest, *, records: Mapping[str, StageRecord]) -> dict
     ship = t.quantize.ship
     ver_pruned = _verify_by_precision(ver["pruned"])
     ver_base = _verify_by_precision(ver["baseline"])
-    variants = {p: _variant(prof[p], ver_pruned.get(p)) for p in t.quantize.precisions}
-    baseline_tflite = _variant(prof["baseline"], ver_base.get(ship))
+    variants = {p: _variant(prof[p], ver_pruned.get(p), t.power) for p in t.quantize.precisions}
+    baseline_tflite = _variant(prof["baseline"], ver_base.get(ship), t.power)
     shipped = variants[ship]
-    on_device = t.transport.kind == "local" and t.hardware.arch == prof[ship]["device"]["machine"]
+    dev = prof[ship]["device"]
+    on_device = dev["transport"] != "local" or (t.transport.kind == "local" and t.hardware.arch == dev["machine"])
     budgets = _budgets(t, base_acc=base["accuracy"], shipped=shipped, on_device=on_device)
     return {
         "target": t.name,
@@ -80,10 +95,28 @@ def summarize(req: DeployRequest, *, records: Mapping[str, StageRecord]) -> dict
         "variants": variants,
         "latency_model": _latency_model(pruned.get("latency"), shipped),
         "budgets": budgets,
+        "devices": _devices(prof.get("devices")),
         "edgetpu": _edgetpu(records),
         "stages": {n: {"seconds": r.seconds, "skipped": r.skipped} for n, r in records.items()},
         "tools": tool_versions(),
     }  # fmt: skip
+
+
+def _devices(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Per device: p50/p99 per model file, or its error (several devices profiled in parallel)."""
+    if not record:
+        return None
+    out = {}
+    for name, run in record.items():
+        out[name] = {
+            "error": run.get("error"),
+            "failed": run.get("failed") or {},
+            "machine": (run.get("info") or {}).get("machine"),
+            "results": {m: {"p50": r["latency_ms"]["p50"], "p99": r["latency_ms"].get("p99"),
+                            "runtime": f"{r.get('runtime')} {r.get('runtime_version')}"}
+                        for m, r in (run.get("results") or {}).items()},
+        }  # fmt: skip
+    return out
 
 
 def _edgetpu(records: Mapping[str, StageRecord]) -> dict[str, Any] | None:
@@ -217,6 +250,31 @@ def render_report(s: Mapping[str, Any]) -> str:
             f"| {v['peak_rss_kib']:,} | {v['runtime']}{' +XNNPACK' if v['xnnpack'] else ''}, {v['threads']} thr |"
         )
     lines += ["", f"Latency: {st['runs']} timed runs after warm-up, measured on {st['measured_on']}.", ""]
+    energies = {p: v["energy"] for p, v in s["variants"].items() if v.get("energy")}
+    if energies:
+        lines += ["## Energy per inference", "", "| precision | energy / inference | above idle | active W "
+                  "| idle W | how |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for p, e in energies.items():
+            tag = " (estimated)" if e["estimated"] else ""
+            lines.append(
+                f"| {p} | {e['energy_per_inference_mj']:.4g} mJ{tag} | {e['energy_per_inference_above_idle_mj']:.4g} mJ"
+                f"{tag} | {e['active_w']:.3g}{tag} | {e['idle_w']:.3g}{tag} | {e['method']} |"
+            )
+        lines += ["", f"Energy per inference = average power x mean latency (latency measured on {st['measured_on']}).",
+                  ""]  # fmt: skip
+    if devs := s.get("devices"):
+        lines += ["## Devices", "", "| device | machine | model file | p50 ms | p99 ms | runtime | status |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, d in devs.items():
+            for m, r in d["results"].items():
+                lines.append(
+                    f"| {name} | {d['machine']} | {m} | {r['p50']:.4g} | {r['p99'] or 'n/a'} | {r['runtime']} | ok |"
+                )
+            for m, why in d["failed"].items():
+                lines.append(f"| {name} | {d['machine']} | {m} | | | | failed: {why} |")
+            if d["error"]:
+                lines.append(f"| {name} | {d['machine']} | | | | | error: {d['error']} |")
+        lines.append("")
     if lm := s.get("latency_model"):
         miss = lm["measured_ms"] - lm["budget_ms"]
         verdict = "meets it" if miss <= 0 else f"misses it by {miss:.4g} ms ({100 * miss / lm['budget_ms']:.1f}%)"

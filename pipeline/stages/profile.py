@@ -29,12 +29,14 @@ class BenchSettings:
     runs: int
     max_seconds: float = 60.0
     min_seconds: float = 0.0
+    extra_args: tuple[str, ...] = ()  # further runner options (--power KIND --power-options JSON, --delegate)
 
 
 def runner_argv(python: str, runner: str, model: str, s: BenchSettings) -> list[str]:
     return [
         python, runner, "--model", model, "--threads", str(s.threads), "--warmup", str(s.warmup),
         "--runs", str(s.runs), "--max-seconds", str(s.max_seconds), "--min-seconds", str(s.min_seconds),
+        *s.extra_args,
     ]  # fmt: skip
 
 
