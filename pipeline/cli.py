@@ -63,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
     _device_args(pr)
 
+    sh = sub.add_parser("ship", help="copy a target's bundle into an Android (Gradle) or iOS (Xcode) app")
+    sh.add_argument("--target", required=True)
+    sh.add_argument("--app", type=Path, required=True, help="the app project's root folder")
+    sh.add_argument("--name", help="model folder name in the app (default: from the bundle)")
+    sh.add_argument("--resources", type=Path, help="iOS: the resources folder inside the app (default: found)")
+    sh.add_argument("--version", dest="model_version", help="version to ship as (default: the bundle's time)")
+    sh.add_argument("--force", action="store_true", help="replace a newer model in the app")
+    sh.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
+
+    rp = sub.add_parser("report", help="rebuild a finished run's report (no stage runs), or compare targets")
+    rp.add_argument("--target", action="append", required=True, help="repeat for several targets")
+    rp.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    rp.add_argument("--compare", type=Path, help="write one comparison page here (e.g. artifacts/compare.html)")
+
     t = sub.add_parser("targets", help="list the target profiles, or validate one")
     t.add_argument("name", nargs="?", help="validate and print this target (name or YAML path)")
     return p
@@ -208,6 +222,28 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ship(args: argparse.Namespace) -> int:
+    from pipeline.ship import ship_target
+
+    res = ship_target(args.target, args.app, artifacts_dir=args.artifacts_dir, model_name=args.name,
+                      force=args.force, resources=args.resources, version=args.model_version)  # fmt: skip
+    replaced = f", replacing {res.replaced_version}" if res.replaced_version else ""
+    print(f"shipped version {res.version} to {res.destination} ({res.app_kind}{replaced})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import compare_targets, rebuild_report
+
+    if args.compare:
+        print(f"comparison: {compare_targets(args.target, runs_dir=args.runs_dir, out=args.compare)}")
+        return 0
+    for t in args.target:
+        files = rebuild_report(t, runs_dir=args.runs_dir)
+        print(f"report: {files.html}  ({files.markdown})")
+    return 0
+
+
 def cmd_targets(args: argparse.Namespace) -> int:
     from pipeline.targets import available_targets, load_target, resolve_target_path
 
@@ -237,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return cmd_targets(args)
             case "profile":
                 return cmd_profile(args)
+            case "ship":
+                return cmd_ship(args)
+            case "report":
+                return cmd_report(args)
     except PipelineError as exc:
         print(f"edgeship: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -305,6 +305,9 @@ def _deploy_locked(req: DeployRequest, run_dir: Path, on_stage: Progress) -> Dep
     summary = bundle_stage.summarize(req, records=records)
     report_path = run_dir / "report.md"
     bundle_stage.write_report(summary, report_path)
+    from pipeline.report import write_report as write_html_report
+
+    write_html_report(summary, run_dir)  # runs/<target>/report.html, plots inline
     misses = [b for b in summary["budgets"] if b["status"] == "missed"]
     if misses and not req.allow_budget_miss:
         lines = "; ".join(f"{b['name']}: {b['value']} vs limit {b['limit']}" for b in misses)

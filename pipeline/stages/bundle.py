@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -354,12 +355,15 @@ def publish(
     (tmp / "labels.txt").write_text("\n".join(spec_meta["class_names"]) + "\n", encoding="utf-8")
     write_json_atomic(tmp / "metadata.json", _metadata(summary, spec_meta, io))
     shutil.copyfile(report_path, tmp / "report.md")
+    if (html := report_path.with_suffix(".html")).is_file():
+        shutil.copyfile(html, tmp / "report.html")
     files = {
         str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(tmp.rglob("*"))
         if p.is_file()
     }
-    manifest = {"format": "edgeship-bundle/1", "files": files, "summary": summary}
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    manifest = {"format": "edgeship-bundle/1", "created": created, "files": files, "summary": summary}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     replace_dir(tmp, dest)
     return dest
