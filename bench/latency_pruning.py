@@ -107,6 +107,22 @@ def _measure_all(variants: list[Variant], settings: BenchSettings, rounds: int) 
         log.info("timing pass %d/%d done", r + 1, rounds)
 
 
+def _retime(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Time every file of a finished run again in fresh round-robin passes; the first timing is kept beside."""
+    r = json.loads(path.read_text())
+    keep = ("name", "kind", "macs", "budget_ms", "predicted_ms", "accuracy")
+    variants = [Variant(tflite=Path(v["tflite"]), **{k: v[k] for k in keep}) for v in r["variants"]]
+    settings = BenchSettings(threads=r["threads"], warmup=20, runs=200, min_seconds=args.min_seconds)
+    _measure_all(variants, settings, args.rounds)
+    write_json_atomic(path.with_name("result-first-timing.json"), r)
+    for v, out in zip(variants, r["variants"], strict=True):
+        out["p50s"], out["measured_ms"] = v.p50s, v.measured_ms
+    r["rounds"] = args.rounds
+    r["retimed"] = {"rounds": args.rounds, "at": time.strftime("%Y-%m-%d %H:%M")}
+    write_json_atomic(path, r)
+    return r
+
+
 def _random_plan(groups: dict[str, int], rng: random.Random) -> dict[str, int]:
     plan = {}
     for g, total in groups.items():
@@ -181,6 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "table_seconds": round(table_s, 1),
         "unpruned_predicted_layers_ms": layer_sum,
         "unpruned_first_ms": full_ms,
+        "rounds": args.rounds,
         "command": _command(),
         "seconds": round(time.perf_counter() - t0),
         "variants": [
@@ -291,22 +308,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     ap.add_argument("--from-result", type=Path, help="re-render the tables of a finished run's result.json")
+    ap.add_argument("--retime", type=Path, help="re-run only the timing passes of a finished run's result.json "
+                    "(every file again, round-robin), e.g. when the machine was busy; then re-render")  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    r = json.loads(args.from_result.read_text()) if args.from_result else run(args)
+    if args.retime:
+        r = _retime(args.retime, args)
+        args.from_result = args.retime
+    else:
+        r = json.loads(args.from_result.read_text()) if args.from_result else run(args)
     macs0 = next(v["macs"] for v in r["variants"] if v["kind"] == "unpruned")
     budget_rows, err_rows, stats = _tables(r, macs0)
     print("\n".join(budget_rows), "\n", "\n".join(err_rows), sep="\n")
     if args.no_write:
         return 0
     cmd = r.get("command") or _command(argv)
-    rerender = f" (tables re-rendered by `{_command(argv)}`)" if args.from_result else ""
+    what = "timing passes re-run" if args.retime else "tables re-rendered"
+    rerender = f" ({what} by `{_command(argv)}`)" if args.from_result else ""
     cores = len(os.sched_getaffinity(0))
     body = [
         f"{SECTION} ({r['model']}, {r['precision']}, {r['threads']} thread{'s' if r['threads'] > 1 else ''})",
         "",
         f"Command: `{cmd}`{rerender} ({r['seconds']} s). Machine: {r['machine']}, {cores} cores, "
-        f"{r['runtime']}; every file timed in {args.rounds} round-robin passes (median of the per-pass p50s). "
+        f"{r['runtime']}; every file timed in {r.get('rounds', args.rounds)} round-robin passes (median of the "
+        "per-pass p50s). "
         f"Latency table: {r['table_probes']} single-layer probes measured in {r['table_seconds']} s. Fine-tune: "
         f"{args.epochs:g} epoch(s) of distillation on {_data_words(args)[0]}, the same for every method. "
         f"Accuracy: the converted .tflite on {_data_words(args)[1]}.",

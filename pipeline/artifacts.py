@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import LockError, PipelineError
+from pipeline.errors import LockError, PipelineError, StorageError
 
 MANIFEST = "manifest.json"
 
@@ -32,18 +36,75 @@ def sha256_json(obj: Any) -> str:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it: a reader sees old or new, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if is_out_of_space(exc):
+            raise storage_error(exc, path) from exc
+        raise
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the mode open() would have given
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and is_out_of_space(exc):
+            raise storage_error(exc, path) from exc
         raise
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporaries of `path` left by writers that were killed (`.name.<pid>.*.tmp`, pid gone)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^/]*\.tmp")
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        m = pattern.fullmatch(stale.name)
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, process-wide)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """True for a write refused for space: disk full (ENOSPC), quota (EDQUOT), file-size limit (EFBIG)."""
+    return isinstance(exc, OSError) and exc.errno in _OUT_OF_SPACE
+
+
+def storage_error(exc: OSError, path: Path | str) -> StorageError:
+    """The package's error for a write refused for space, with what to do about it."""
+    return StorageError(
+        f"{path}: cannot write: {exc.strerror or exc}; free some space (or raise the limit) and run again: "
+        f"finished stages are kept, nothing half-written is used"
+    )
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -78,10 +139,20 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 
 def fresh_temp_dir(parent: Path, name: str) -> Path:
-    """An empty folder `.name.tmp` under `parent` (removing what a killed run left there)."""
+    """An empty folder `.name.tmp` under `parent` (removing what a killed run left there).
+
+    A killed run's folder is first renamed aside, then deleted: a child process that outlived the kill (an
+    onnx2tf still converting in it) may keep writing there, and must not make the delete fail nor write
+    into the new folder.
+    """
     tmp = parent / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in [tmp, *parent.glob(f".{name}.stale-*")] if parent.is_dir() else []:
+        if not stale.exists():
+            continue
+        aside = parent / f".{name}.stale-{os.getpid()}-{time.monotonic_ns()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(stale, aside)
+            shutil.rmtree(aside, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
 

@@ -280,6 +280,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"edgeship: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a write refused for space outside a stage (copying the bundle), a vanished folder
+        from pipeline.artifacts import is_out_of_space
+
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = (
+            "; free some space and run again: finished stages are kept, the previous bundle is untouched"
+            if is_out_of_space(exc)
+            else ""
+        )
+        print(f"edgeship: error: {where}{exc.strerror or exc}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("edgeship: interrupted; finished stages are kept, the next run resumes after them", file=sys.stderr)
         return 130

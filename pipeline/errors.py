@@ -62,5 +62,9 @@ class LockError(PipelineError):
     """Another run holds the lock of the same target."""
 
 
+class StorageError(PipelineError):
+    """A file cannot be written: the disk is full, or a quota or file-size limit is reached."""
+
+
 class ShipError(PipelineError):
     """A bundle cannot be shipped into an app: unknown app layout, unsafe destination, newer model there."""

@@ -8,6 +8,7 @@ leaves at most a `.name.tmp` folder, which the next run removes; the next run re
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,13 +22,16 @@ from pipeline import __version__
 from pipeline.artifacts import (
     MANIFEST,
     fresh_temp_dir,
+    is_out_of_space,
     outputs_intact,
     read_json,
     replace_dir,
     sha256_file,
     sha256_json,
+    storage_error,
     write_json_atomic,
 )
+from pipeline.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +88,26 @@ def run_stage(
             log.info("stage %s: up to date, skipped", name)
             return StageRecord(name, folder, manifest.get("figures", {}), True, manifest.get("seconds", 0.0))
         log.info("stage %s: inputs or config changed, running again", name)
-    tmp = fresh_temp_dir(run_dir, name)
+    try:
+        tmp = fresh_temp_dir(run_dir, name)
+    except OSError as exc:
+        if not is_out_of_space(exc):
+            raise
+        raise storage_error(exc, run_dir / f".{name}.tmp") from exc
     start = time.perf_counter()
-    figures = dict(work(tmp))
+    try:
+        figures = dict(work(tmp))
+    except OSError as exc:
+        if not is_out_of_space(exc):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous result stays in place
+        raise StorageError(
+            f"stage {name}: cannot write {exc.filename or tmp}: {exc.strerror or exc}; free some space on "
+            f"{run_dir} (or raise the limit) and run again: finished stages are kept"
+        ) from exc
+    except StorageError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     seconds = round(time.perf_counter() - start, 3)
     outputs = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {
@@ -100,7 +121,11 @@ def run_stage(
         "seconds": seconds,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    write_json_atomic(tmp / MANIFEST, manifest)
+    try:
+        write_json_atomic(tmp / MANIFEST, manifest)
+    except StorageError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, folder)
     log.info("stage %s: done in %.1f s", name, seconds)
     return StageRecord(name, folder, figures, False, seconds)

@@ -212,17 +212,29 @@ def resolve_target_path(name_or_path: str, targets_dir: Path = TARGETS_DIR) -> P
     """A target name (``rpi``, ``coral``), an alias, or a path to a YAML file -> the file."""
     if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
         path = Path(name_or_path)
-        if not path.is_file():
-            raise TargetConfigError(f"{path}: no such target profile file")
+        if not _is_file(path):
+            raise TargetConfigError(f"{_short(str(path))}: no such target profile file")
         return path
     name = _aliases(targets_dir).get(name_or_path, name_or_path)
     path = targets_dir / f"{name}.yaml"
-    if path.is_file() and name != ALIASES_FILE.removesuffix(".yaml"):
+    if _is_file(path) and name != ALIASES_FILE.removesuffix(".yaml"):
         return path
     valid = available_targets(targets_dir)
-    close = difflib.get_close_matches(name_or_path, valid, n=1)
+    close = difflib.get_close_matches(name_or_path, valid, n=1) if len(name_or_path) <= 64 else []
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise TargetConfigError(f"unknown target {name_or_path!r}.{hint} Valid targets: {', '.join(valid)}")
+    raise TargetConfigError(f"unknown target {_short(name_or_path)!r}.{hint} Valid targets: {', '.join(valid)}")
+
+
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False also for names the OS refuses (too long, NUL bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def load_target(name_or_path: str, targets_dir: Path = TARGETS_DIR) -> TargetProfile:
@@ -230,26 +242,76 @@ def load_target(name_or_path: str, targets_dir: Path = TARGETS_DIR) -> TargetPro
     data = _read_yaml(path)
     if not isinstance(data, dict):
         raise TargetConfigError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    # JSON mode: strict types (no "4" for 4), YAML lists accepted where a tuple is declared.
+    blob = json.dumps(_plain(data, path))
     try:
-        # JSON mode: strict types (no "4" for 4), YAML lists accepted where a tuple is declared.
-        blob = json.dumps(data, default=_not_json)
         return TargetProfile.model_validate_json(blob)
-    except _NotJson as exc:
-        raise TargetConfigError(f"{path}: {exc}") from None
     except ValidationError as exc:
         raise TargetConfigError(_format_errors(path, exc)) from None
 
 
-class _NotJson(TypeError):
-    pass
+# A profile is a few dozen fields three levels deep. Anything far beyond that is a mistake or an attack: a
+# YAML alias that contains itself, or aliases nested to expand into billions of values ("billion laughs").
+MAX_PROFILE_BYTES = 1 << 20
+MAX_DEPTH = 16
+MAX_VALUES = 10_000
+_INT_LIMIT = 1 << 63
 
 
-def _not_json(value: object) -> Any:
-    raise _NotJson(f"value {value!r} has YAML type {type(value).__name__}; write it as a plain string or number")
+def _plain(data: Any, path: Path) -> Any:
+    """A JSON-ready copy of what YAML produced: plain mappings, lists, strings, numbers, booleans and null.
+
+    Walks the value with its aliases expanded, within MAX_DEPTH levels and MAX_VALUES values, so a
+    self-referencing or exponentially aliased document is refused instead of hanging the loader.
+    """
+    count = 0
+
+    def walk(value: Any, loc: tuple[str, ...]) -> Any:
+        nonlocal count
+        count += 1
+        where = " -> ".join(loc) or "(top level)"
+        if count > MAX_VALUES:
+            raise TargetConfigError(
+                f"{path}: more than {MAX_VALUES} values once YAML aliases are expanded; a profile has a few dozen"
+            )
+        if len(loc) > MAX_DEPTH:
+            raise TargetConfigError(
+                f"{path}: {_short(where)}: nested more than {MAX_DEPTH} levels deep (an alias that contains itself?)"
+            )
+        if value is None or isinstance(value, bool | str | float):
+            return value
+        if isinstance(value, int):
+            if not -_INT_LIMIT < value < _INT_LIMIT:
+                raise TargetConfigError(
+                    f"{path}: {_short(where)}: the number is out of range ({value.bit_length()} bits)"
+                )
+            return value
+        if isinstance(value, list | tuple):
+            return [walk(v, (*loc, str(i))) for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if not (k is None or isinstance(k, bool | str | float) or (isinstance(k, int) and abs(k) < _INT_LIMIT)):
+                    raise TargetConfigError(
+                        f"{path}: {_short(where)}: key {_short(repr(k))} has YAML type {type(k).__name__}; "
+                        "write keys as plain names"
+                    )
+                key = k if isinstance(k, str) else json.dumps(k)
+                out[key] = walk(v, (*loc, key))
+            return out
+        raise TargetConfigError(
+            f"{path}: {_short(where)}: value {_short(repr(value))} has YAML type {type(value).__name__}; "
+            "write it as a plain string or number"
+        )
+
+    return walk(data, ())
 
 
 def _read_yaml(path: Path) -> Any:
     try:
+        size = path.stat().st_size
+        if size > MAX_PROFILE_BYTES:
+            raise TargetConfigError(f"{path}: {size:,} bytes is not a target profile (those are a few KB)")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TargetConfigError(f"{path}: cannot read the profile: {exc}") from None
@@ -257,6 +319,11 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise TargetConfigError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise TargetConfigError(f"{path}: not valid YAML: nested too deeply to be a target profile") from None
+    except Exception as exc:  # PyYAML's constructors fail on bad tagged scalars with plain errors
+        # (a 5000-digit int: ValueError; `!!timestamp` with no value: AttributeError; month 13: ValueError)
+        raise TargetConfigError(f"{path}: not valid YAML: {_short(f'{type(exc).__name__}: {exc}', 300)}") from None
 
 
 def _format_errors(path: Path, exc: ValidationError) -> str:

@@ -266,8 +266,10 @@ def _run(argv: list[str], *, timeout_s: float) -> tuple[int | None, str, float]:
     """Run argv (its own session, so a timeout kills it and its children); (exit code or None, output, s)."""
     start = time.perf_counter()
     try:
+        from pipeline.stages.convert_tflite import _dies_with_us  # killed with edgeship, never orphaned
+
         proc = subprocess.Popen(
-            argv,
+            _dies_with_us(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -87,5 +87,24 @@ def user_model_spec(
         raise UsageError("--std values must be positive")
     mean, std = (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
     return ModelSpec(
-        name=ref.replace(":", "."), build=factory, input_shape=input_shape, mean=mean, std=std, class_names=class_names
-    )
+        name=ref.replace(":", "."), build=_checked(factory, ref), input_shape=input_shape, mean=mean, std=std,
+        class_names=class_names,
+    )  # fmt: skip
+
+
+def _checked(factory, ref: str):
+    """The factory, wrapped so that anything but an nn.Module (e.g. `os:getcwd`) is a UsageError."""
+
+    def build():
+        from torch import nn
+
+        try:
+            model = factory()
+        except TypeError as exc:
+            raise UsageError(f"--model {ref}: calling it with no arguments failed ({exc}); give a factory "
+                             "that takes no arguments and returns an nn.Module") from None  # fmt: skip
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"--model {ref} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    return build

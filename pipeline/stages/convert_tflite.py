@@ -133,14 +133,30 @@ def _tail(text: str, n: int = TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
+# Linux: the converter gets SIGKILL when edgeship dies (kill -9, OOM killer), instead of converting on in a
+# folder nobody will read. prctl(PR_SET_PDEATHSIG) survives the exec; the getppid check closes the race
+# with a parent that died before the prctl.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]):\n    os._exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _dies_with_us(argv: list[str]) -> list[str]:
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv] if sys.platform == "linux" else argv
+
+
 def _run(argv: list[str], workdir: Path, logfile: Path, *, timeout_s: float) -> tuple[int | None, float]:
     """Run argv in workdir with stdout+stderr into logfile; return (exit code or None on timeout, seconds)."""
     start = time.perf_counter()
     with open(logfile, "wb") as fh:
         try:
             proc = subprocess.Popen(
-                argv, cwd=workdir, stdout=fh, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
-            )
+                _dies_with_us(argv), cwd=workdir, stdout=fh, stderr=subprocess.STDOUT, env=_env(),
+                start_new_session=True,
+            )  # fmt: skip
         except OSError as exc:
             raise ConversionError(f"cannot start onnx2tf ({exc}); argv: {' '.join(argv)}") from exc
         try:

@@ -197,11 +197,44 @@ def prune_to_plan(
         with torch.no_grad():
             pruned(example)
     except Exception as exc:
-        raise PruningError(
-            f"pruning failed ({type(exc).__name__}: {exc}); add the layer it names to pruning.keep_layers, "
-            f"or set pruning.enabled: false"
-        ) from exc
+        raise PruningError(_failure_message(pruned, example, exc)) from exc
     return pruned
+
+
+def _failure_message(pruned: nn.Module, example: torch.Tensor, exc: Exception) -> str:
+    """Name the layer whose forward raised after pruning, and the conv/linear that fed it (the one to keep)."""
+    names = {m: n for n, m in pruned.named_modules() if n}
+    stack: list[str] = []
+    ran: list[str] = []
+
+    def enter(module: nn.Module, args: object) -> None:
+        stack.append(names[module])
+
+    def leave(module: nn.Module, args: object, out: object) -> None:
+        stack.pop()
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            ran.append(names[module])
+
+    hooks = [m.register_forward_pre_hook(enter) for m in names] + [m.register_forward_hook(leave) for m in names]
+    failed = None
+    try:
+        with torch.no_grad():
+            pruned(example)
+    except Exception:  # the same failure, now with the module stack at the moment it was raised
+        failed = stack[-1] if stack else None
+    finally:
+        for h in hooks:
+            h.remove()
+    what = f"{type(exc).__name__}: {exc}"
+    if failed is None:
+        return f"pruning failed ({what}); set pruning.enabled: false, or keep the layers involved whole"
+    kind = type(dict(pruned.named_modules())[failed]).__name__
+    feeder = next((n for n in reversed(ran) if n != failed), None)
+    keep = f"add {feeder!r} (the layer that feeds it) to pruning.keep_layers" if feeder else "keep its inputs whole"
+    return (
+        f"pruning failed in layer {failed!r} ({kind}): {what}. This layer assumes channel counts Torch-Pruning "
+        f"cannot change; {keep}, or set pruning.enabled: false"
+    )
 
 
 def uniform_plan(groups: Mapping[str, int], keep_fraction: float, *, multiple: int, max_ratio: float) -> dict[str, int]:
