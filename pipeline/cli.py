@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a profile field, e.g. --set pruning.target.keep=0.8 (repeatable)")  # fmt: skip
     p.add_argument("--device", help="where to profile: user@host[:port], adb:SERIAL, local; several: a,b,c")
     p.add_argument("--identity", type=Path, help="ssh private key to use (default: your ssh config)")
     p.add_argument("--known-hosts", type=Path, help="known_hosts file to check host keys against")
@@ -121,7 +123,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from pipeline.deploy import DeployRequest, deploy
     from pipeline.targets import load_target
 
-    target = load_target(args.target)
+    target = load_target(args.target, overrides=tuple(args.overrides))
     spec = _model_spec(args)
     if args.test_images is not None and args.test_images < 1:
         raise UsageError("--test-images must be at least 1")
@@ -190,7 +192,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from pipeline.stages.profile import BenchSettings
     from pipeline.targets import load_target
 
-    t = load_target(args.target)
+    t = load_target(args.target, overrides=tuple(args.overrides))
     files = args.model_file or [args.artifacts_dir / t.name / "model.tflite"]
     for f in files:
         if not f.is_file():

@@ -237,17 +237,46 @@ def _short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def load_target(name_or_path: str, targets_dir: Path = TARGETS_DIR) -> TargetProfile:
+def load_target(
+    name_or_path: str, targets_dir: Path = TARGETS_DIR, *, overrides: tuple[str, ...] = ()
+) -> TargetProfile:
+    """Load and validate a profile. `overrides` are `field.path=value` settings from the command line
+    (`--set pruning.target.keep=0.8`), values read as YAML scalars, validated like the file itself."""
     path = resolve_target_path(name_or_path, targets_dir)
     data = _read_yaml(path)
     if not isinstance(data, dict):
         raise TargetConfigError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
     # JSON mode: strict types (no "4" for 4), YAML lists accepted where a tuple is declared.
-    blob = json.dumps(_plain(data, path))
+    data = _plain(data, path)
+    for item in overrides:
+        _apply_override(data, item, path)
+    blob = json.dumps(data)
     try:
         return TargetProfile.model_validate_json(blob)
     except ValidationError as exc:
         raise TargetConfigError(_format_errors(path, exc)) from None
+
+
+def _apply_override(data: dict[str, Any], item: str, path: Path) -> None:
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(re.fullmatch(r"[a-z_][a-z0-9_]*", p) for p in parts):
+        raise TargetConfigError(
+            f"--set {item!r}: expected field.path=value with fields as in {path.name}, e.g. pruning.target.keep=0.8"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise TargetConfigError(f"--set {item!r}: {p} in {path.name} is a value, not a section")
+        node = child
+    node[parts[-1]] = _plain(value, path)
 
 
 # A profile is a few dozen fields three levels deep. Anything far beyond that is a mistake or an attack: a

@@ -219,3 +219,17 @@ def test_fuzz_raw_text(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     with contextlib.suppress(TargetConfigError):
         load_target(str(path))
+
+
+def test_command_line_overrides_are_validated_like_the_file() -> None:
+    t = load_target("coral", overrides=("pruning.target.keep=0.8", "pruning.enabled=false", "budgets.latency_ms=3"))
+    assert t.pruning.target.keep == 0.8 and t.pruning.enabled is False and t.budgets.latency_ms == 3.0
+    assert load_target("coral").pruning.target.keep == 0.5  # the file is untouched
+    with pytest.raises(TargetConfigError, match=r"pruning -> target -> kep: unknown field; valid fields here: keep"):
+        load_target("coral", overrides=("pruning.target.kep=0.8",))
+    with pytest.raises(TargetConfigError, match=r"quantize -> ship: the Edge TPU runs only full-integer"):
+        load_target("coral", overrides=("quantize.ship=fp32",))
+    with pytest.raises(TargetConfigError, match=r"expected field.path=value"):
+        load_target("coral", overrides=("pruning.target.keep",))
+    with pytest.raises(TargetConfigError, match=r"is a value, not a section"):
+        load_target("coral", overrides=("name.x=1",))
