@@ -108,6 +108,7 @@ def test_bundle_is_whole_and_checksummed(workspace: dict) -> None:
         "manifest.json",
         "metadata.json",
         "model.tflite",
+        "report.html",
         "report.md",
         "variants/model_fp16.tflite",
         "variants/model_fp32.tflite",
@@ -122,6 +123,8 @@ def test_bundle_is_whole_and_checksummed(workspace: dict) -> None:
     assert (bundle / "labels.txt").read_text().splitlines() == list(CLASSES)
     assert sha256_file(bundle / "model.tflite") == sha256_file(bundle / "variants/model_int8.tflite")
     assert not list(bundle.parent.glob(".*tmp"))
+    html = (bundle / "report.html").read_text()
+    assert html.count("<img") >= 3 and "data:image/png;base64," in html and "report.html" in manifest["files"]
 
 
 def test_metadata_describes_the_shipped_model(workspace: dict) -> None:
