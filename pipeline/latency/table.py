@@ -6,8 +6,12 @@ Where a layer has more candidate counts than `max_points` per axis, a subset is 
 interpolated (and the table says so). Stored as versioned JSON per target, model, runtime and threads; a
 table measured under another runtime version or thread count is not reused.
 
-Prediction for a pruned model = sum of its layers' table entries + a remainder (pooling, adds, invoke
-overhead) calibrated once as measured(unpruned model) - sum(table at full width).
+Prediction for a pruned model = sum of its layers' table entries x a calibration scale, set once as
+measured(unpruned model) / sum(table at full width). The ops the table does not probe (padding, adds,
+activations, pooling) work on the same activations as the probed layers and shrink with them, so they are
+carried as a share of the layer time rather than a constant: a constant remainder over-predicted pruned
+EfficientNet-Lite0 by ~40% (its PAD/ADD time falls with the channels) and was 4x less accurate on the
+default CNN (BENCHMARKS.md, "Latency-aware pruning"). `remainder_ms` stays for a constant part (0 by default).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,15 @@ class LatencyTable:
     machine: str
     entries: Mapping[str, Mapping[str, Any]]
     remainder_ms: float = 0.0
+    scale: float = 1.0  # calibration: measured(unpruned) / sum of its table entries
+
+    def layer_sum(self, layers: Sequence[Layer], plan: Mapping[str, int]) -> float:
+        """Sum of the table entries of `layers` at the channel counts of `plan` (uncalibrated)."""
+        return sum(self.layer_ms(lay, *lay.channels(plan)) for lay in layers)
+
+    def calibrated(self, layers: Sequence[Layer], groups: Mapping[str, int], measured_full_ms: float) -> LatencyTable:
+        """This table scaled so that it predicts the measured latency of the unpruned model (`groups`)."""
+        return replace(self, scale=measured_full_ms / self.layer_sum(layers, groups), remainder_ms=0.0)
 
     def layer_ms(self, layer: Layer, cin: int, cout: int) -> float:
         e = self.entries[layer.geometry.key()]
@@ -63,7 +76,7 @@ class LatencyTable:
         return _bilinear(e["cin"], e["cout"], np.asarray(e["ms"]), cin, cout)
 
     def predict(self, layers: Sequence[Layer], plan: Mapping[str, int]) -> float:
-        return self.remainder_ms + sum(self.layer_ms(lay, *lay.channels(plan)) for lay in layers)
+        return self.remainder_ms + self.scale * self.layer_sum(layers, plan)
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, {"format": FORMAT, **asdict(self)})

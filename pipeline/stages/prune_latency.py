@@ -42,12 +42,12 @@ def prune_to_latency(
     keep_layers: Sequence[str] = (),
     max_ratio: float = 0.8,
 ) -> LatencyPrune:
-    """Allocate channels against the table (its remainder calibrated on the measured unpruned model), prune."""
+    """Allocate channels against the table (scaled to the measured unpruned model), prune."""
     model = model.eval()
     groups = prunable_groups(model, example, keep_layers=keep_layers)
     layers = prunable_layers(model, example, ignored=ignored_layers(model, example, keep_layers))
-    layer_sum = table.predict(layers, groups) - table.remainder_ms
-    table = LatencyTable(**{**table.__dict__, "remainder_ms": measured_full_ms - layer_sum})
+    layer_sum = table.layer_sum(layers, groups)
+    table = table.calibrated(layers, groups, measured_full_ms)
     imp = group_importance(model, example, importance=importance, keep_layers=keep_layers)
     alloc = allocate(layers, groups, imp, table, budget_ms=budget_ms, multiple=channel_multiple, max_ratio=max_ratio)
     pruned = prune_to_plan(model, example, alloc.plan, importance=importance, keep_layers=keep_layers)
@@ -72,7 +72,8 @@ def prune_to_latency(
         "predicted_ms": round(alloc.predicted_ms, 5),
         "unpruned_measured_ms": measured_full_ms,
         "unpruned_predicted_layers_ms": round(layer_sum, 5),
-        "remainder_ms": round(table.remainder_ms, 5),
+        "calibration_scale": round(table.scale, 4),
+        "remainder_ms": round(measured_full_ms - layer_sum, 5),  # at full width; carried as a share when pruned
         "allocation_steps": alloc.steps,
         "plan": alloc.plan,
     }
