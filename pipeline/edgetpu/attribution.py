@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.edgetpu.tflite_model import OperatorInfo, SubgraphInfo, read_tflite
+from pipeline.models.hooks import run_hooked
 
 WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
 
@@ -65,16 +66,12 @@ class LayerRef:
 def _call_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module]]:
     """Leaf modules in the order forward() calls them (a module called twice appears twice)."""
     calls: list[tuple[str, nn.Module]] = []
-    hooks = []
-    for name, mod in model.named_modules():
-        if name and not list(mod.children()):
-            hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: calls.append((n, m))))
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    hooks = [
+        mod.register_forward_hook(lambda m, i, o, n=name: calls.append((n, m)))
+        for name, mod in model.named_modules()
+        if name and not list(mod.children())
+    ]
+    run_hooked(model, example, hooks)
     return calls
 
 

@@ -10,6 +10,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from pipeline.models.hooks import run_hooked
+
 Kind = Literal["conv", "depthwise", "linear"]
 
 
@@ -52,18 +54,12 @@ def _padding(m: nn.Conv2d) -> Literal["same", "valid"]:
 
 def _input_sizes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int]]:
     sizes: dict[str, tuple[int, int]] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(
-                m.register_forward_pre_hook(lambda mod, args, n=name: sizes.__setitem__(n, tuple(args[0].shape[-2:])))
-            )
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=name: sizes.__setitem__(n, tuple(args[0].shape[-2:])))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    run_hooked(model, example, hooks)
     return sizes
 
 
