@@ -168,6 +168,19 @@ def outputs_intact(folder: Path, manifest: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
+def wait_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing), waiting for any other holder: for short critical
+    sections such as swapping a published bundle into place, where two writers must not interleave."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on a target's run folder; a second deploy of the same target refuses."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -151,3 +151,25 @@ def test_second_run_of_same_target_refuses(tmp_path: Path) -> None:
         proc.wait()
     with run_lock(tmp_path):  # released when the holder dies
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_publishers_of_the_same_bundle_take_turns(tmp_path: Path) -> None:
+    """wait_lock (around publishing a bundle): a second holder waits for the first instead of interleaving."""
+    from pipeline.artifacts import wait_lock
+
+    log = tmp_path / "log"
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); "
+        f"from pipeline.artifacts import wait_lock; from pathlib import Path\n"
+        f"with wait_lock(Path({str(tmp_path / '.b.lock')!r})):\n"
+        f"    print('locked', flush=True); time.sleep(1.0)\n"
+        f"    open({str(log)!r}, 'a').write('first\\n')"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with wait_lock(tmp_path / ".b.lock"), log.open("a") as fh:
+            fh.write("second\n")
+    finally:
+        proc.wait(timeout=30)
+    assert log.read_text().splitlines() == ["first", "second"]

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
-from pipeline.artifacts import fresh_temp_dir, replace_dir, sha256_file, write_json_atomic, write_text_atomic
+from pipeline.artifacts import (
+    fresh_temp_dir,
+    replace_dir,
+    sha256_file,
+    wait_lock,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipeline.runner import StageRecord, tool_versions
 
 if TYPE_CHECKING:
@@ -339,8 +346,22 @@ def publish(
     spec_meta: Mapping[str, Any],
     io: Mapping[str, Any],
 ) -> Path:
-    """Write the bundle into a temporary folder beside `dest`, then rename it into place."""
+    """Write the bundle into a temporary folder beside `dest`, then rename it into place. Two publishers of
+    the same bundle (deploys with different --runs-dir) take turns: the lock covers the temporary folder too."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with wait_lock(dest.parent / f".{dest.name}.publish.lock"):
+        return _publish(summary, conv, dest, report_path=report_path, spec_meta=spec_meta, io=io)
+
+
+def _publish(
+    summary: Mapping[str, Any],
+    conv: StageRecord,
+    dest: Path,
+    *,
+    report_path: Path,
+    spec_meta: Mapping[str, Any],
+    io: Mapping[str, Any],
+) -> Path:
     tmp = fresh_temp_dir(dest.parent, dest.name)
     ship = summary["shipped_precision"]
     shutil.copyfile(conv.path(f"model_{ship}.tflite"), tmp / "model.tflite")
