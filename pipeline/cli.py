@@ -189,7 +189,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from pipeline.artifacts import write_json_atomic
     from pipeline.devices import from_profile, parse_devices, profile_devices
     from pipeline.errors import DeviceError
-    from pipeline.stages.profile import BenchSettings
     from pipeline.targets import load_target
 
     t = load_target(args.target, overrides=tuple(args.overrides))
@@ -198,11 +197,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if not f.is_file():
             raise UsageError(f"{f}: no such model; run `make deploy TARGET={t.name}` first or give --model-file")
     specs = parse_devices(args.device, t.transport) if args.device else (from_profile(t.transport, target=t.name),)
-    p = t.profiling
-    from pipeline.deploy import _power_args
+    from pipeline.deploy import device_bench_settings
 
-    settings = BenchSettings(threads=p.threads, warmup=p.warmup, runs=p.runs, min_seconds=p.min_seconds,
-                             extra_args=_power_args(t))  # fmt: skip
+    settings = device_bench_settings(t)
     names = {f"{i}:{f.name}" if len(files) > 1 else f.name: f for i, f in enumerate(files)}
     runs = profile_devices(names, settings, specs, ssh_options=_ssh_options(args))
     out = {name: run.to_json() for name, run in runs.items()}

@@ -399,6 +399,16 @@ def _bench(path: Path, t: TargetProfile) -> dict[str, Any]:
     return profile_local(path, settings)
 
 
+def device_bench_settings(t: TargetProfile) -> Any:
+    """The benchmark settings on the target's own device: the profile's threads (not capped at this host's
+    cores) and its power source sampled."""
+    from pipeline.stages.profile import BenchSettings
+
+    p = t.profiling
+    return BenchSettings(threads=p.threads, warmup=p.warmup, runs=p.runs, min_seconds=p.min_seconds,
+                         extra_args=_power_args(t))  # fmt: skip
+
+
 def device_specs(req: DeployRequest) -> tuple[Any, ...]:
     """The devices to profile on: DEVICE when given, else the profile's own when it names one (ssh host, adb
     serial); none means this machine stands in (and the report says so)."""
@@ -419,13 +429,8 @@ def _profile_on_devices(req: DeployRequest, specs: tuple[Any, ...], files: Mappi
     was measured has been written to runs/<target>/profile-devices.json."""
     from pipeline.devices import profile_devices
     from pipeline.errors import DeviceError
-    from pipeline.stages.profile import BenchSettings
 
-    t = req.target
-    p = t.profiling
-    settings = BenchSettings(threads=p.threads, warmup=p.warmup, runs=p.runs, min_seconds=p.min_seconds,
-                             extra_args=_power_args(t))  # fmt: skip
-    runs = profile_devices(files, settings, specs, ssh_options=req.ssh_options)
+    runs = profile_devices(files, device_bench_settings(req.target), specs, ssh_options=req.ssh_options)
     record = {name: run.to_json() for name, run in runs.items()}
     partial = run_dir / "profile-devices.json"
     write_json_atomic(partial, record)

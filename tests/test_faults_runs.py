@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from devices_fixtures import descendants
 
 from pipeline.artifacts import run_lock, sha256_file, write_json_atomic
 from pipeline.errors import LockError, StorageError
@@ -328,20 +329,6 @@ def _write_profile(root: Path) -> Path:
     return path
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -460,7 +447,7 @@ def killed_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             ready, delay = _trigger(run, stage)
             _wait_for(d, ready, f"stage {stage}")
             time.sleep(delay)
-            kids = _descendants(d.pid)
+            kids = descendants(d.pid)
             os.kill(d.pid, signal.SIGKILL)
             rc = d.wait()
             time.sleep(0.2)

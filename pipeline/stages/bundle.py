@@ -350,41 +350,29 @@ def publish(
     the same bundle (deploys with different --runs-dir) take turns: the lock covers the temporary folder too."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with wait_lock(dest.parent / f".{dest.name}.publish.lock"):
-        return _publish(summary, conv, dest, report_path=report_path, spec_meta=spec_meta, io=io)
-
-
-def _publish(
-    summary: Mapping[str, Any],
-    conv: StageRecord,
-    dest: Path,
-    *,
-    report_path: Path,
-    spec_meta: Mapping[str, Any],
-    io: Mapping[str, Any],
-) -> Path:
-    tmp = fresh_temp_dir(dest.parent, dest.name)
-    ship = summary["shipped_precision"]
-    shutil.copyfile(conv.path(f"model_{ship}.tflite"), tmp / "model.tflite")
-    (tmp / "variants").mkdir()
-    for p in summary["variants"]:
-        shutil.copyfile(conv.path(f"model_{p}.tflite"), tmp / "variants" / f"model_{p}.tflite")
-    et = summary.get("edgetpu")
-    if et and et.get("edgetpu_model"):
-        shutil.copyfile(Path(et["dir"]) / et["edgetpu_model"], tmp / "model_edgetpu.tflite")
-    if et:
-        shutil.copyfile(Path(et["dir"]) / "edgetpu.json", tmp / "edgetpu.json")
-    (tmp / "labels.txt").write_text("\n".join(spec_meta["class_names"]) + "\n", encoding="utf-8")
-    write_json_atomic(tmp / "metadata.json", _metadata(summary, spec_meta, io))
-    shutil.copyfile(report_path, tmp / "report.md")
-    if (html := report_path.with_suffix(".html")).is_file():
-        shutil.copyfile(html, tmp / "report.html")
-    files = {
-        str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(tmp.rglob("*"))
-        if p.is_file()
-    }
-    created = datetime.now(UTC).isoformat(timespec="seconds")
-    manifest = {"format": "edgeship-bundle/1", "created": created, "files": files, "summary": summary}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    replace_dir(tmp, dest)
-    return dest
+        tmp = fresh_temp_dir(dest.parent, dest.name)
+        ship = summary["shipped_precision"]
+        shutil.copyfile(conv.path(f"model_{ship}.tflite"), tmp / "model.tflite")
+        (tmp / "variants").mkdir()
+        for p in summary["variants"]:
+            shutil.copyfile(conv.path(f"model_{p}.tflite"), tmp / "variants" / f"model_{p}.tflite")
+        et = summary.get("edgetpu")
+        if et and et.get("edgetpu_model"):
+            shutil.copyfile(Path(et["dir"]) / et["edgetpu_model"], tmp / "model_edgetpu.tflite")
+        if et:
+            shutil.copyfile(Path(et["dir"]) / "edgetpu.json", tmp / "edgetpu.json")
+        (tmp / "labels.txt").write_text("\n".join(spec_meta["class_names"]) + "\n", encoding="utf-8")
+        write_json_atomic(tmp / "metadata.json", _metadata(summary, spec_meta, io))
+        shutil.copyfile(report_path, tmp / "report.md")
+        if (html := report_path.with_suffix(".html")).is_file():
+            shutil.copyfile(html, tmp / "report.html")
+        files = {
+            str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        manifest = {"format": "edgeship-bundle/1", "created": created, "files": files, "summary": summary}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        replace_dir(tmp, dest)
+        return dest
