@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from pipeline.devices.spec import DeviceSpec, from_profile, open_transport, parse_device, parse_devices
@@ -21,7 +23,7 @@ from pipeline.targets import load_target
         ("root@[::1]:2200", DeviceSpec("ssh", host="[::1]", user="root", port=2200)),
         ("adb:R58M1234ABC", DeviceSpec("adb", serial="R58M1234ABC", workdir="/data/local/tmp/edgeship")),
         ("adb:192.168.1.9:5555", DeviceSpec("adb", serial="192.168.1.9:5555", workdir="/data/local/tmp/edgeship")),
-        ("local", DeviceSpec("local")),
+        ("local", DeviceSpec("local", python=sys.executable)),  # this machine: edgeship's own interpreter
     ],
 )
 def test_forms_without_a_profile(text: str, want: DeviceSpec) -> None:
@@ -50,7 +52,7 @@ def test_from_profile() -> None:
     section = SshTransport(kind="ssh", host="coral.local", user="mendel", port=2222, workdir="/home/mendel/es")
     spec = from_profile(section)
     assert (spec.host, spec.user, spec.port, spec.workdir) == ("coral.local", "mendel", 2222, "/home/mendel/es")
-    assert from_profile(load_target("host").transport).kind == "local"
+    assert from_profile(load_target("host").transport) == DeviceSpec("local", python=sys.executable)
     with pytest.raises(UsageError, match=r"names no host: give DEVICE=user@host"):
         from_profile(load_target("rpi5").transport, target="rpi5")
 

@@ -11,6 +11,7 @@ string says wins. Every part is checked against a strict character set and a bad
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -123,7 +124,7 @@ def parse_device(item: str, transport_section: Any = None, *, whole: str | None 
     if not item:
         raise UsageError(f"DEVICE {text!r}: an empty device name (two commas, or a trailing comma?)")
     if item == "local":
-        return DeviceSpec("local", python=d.get("python") or "python3")
+        return DeviceSpec("local", python=sys.executable)  # this machine: edgeship's own interpreter
     if item.startswith("adb:"):
         return _adb(text, item[4:] or None, d)
     if d.get("profile_kind") == "adb" and "@" not in item and not item.startswith("ssh://"):
@@ -146,7 +147,7 @@ def from_profile(transport_section: Any, *, target: str = "the target") -> Devic
     d = _profile_defaults(transport_section)
     kind = d.get("profile_kind", "local")
     if kind == "local":
-        return DeviceSpec("local")
+        return DeviceSpec("local", python=sys.executable)
     if kind == "adb":
         return _adb("(profile)", d.get("serial"), d)
     if not d.get("host"):
