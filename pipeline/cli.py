@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--target", required=True, help="target name or YAML path (profiling settings, transport)")
     pr.add_argument("--model-file", type=Path, action="append", help="a .tflite to profile (default: the bundle's)")
     pr.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
+    pr.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the figures are written")
     _device_args(pr)
 
     sh = sub.add_parser("ship", help="copy a target's bundle into an Android (Gradle) or iOS (Xcode) app")
@@ -203,7 +204,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     names = {f"{i}:{f.name}" if len(files) > 1 else f.name: f for i, f in enumerate(files)}
     runs = profile_devices(names, settings, specs, ssh_options=_ssh_options(args))
     out = {name: run.to_json() for name, run in runs.items()}
-    dest = args.artifacts_dir / t.name / "profile-devices.json"
+    dest = args.runs_dir / t.name / "profile-devices.json"  # beside the run, not inside the checksummed bundle
     write_json_atomic(dest, out)
     for name, run in runs.items():
         for model, r in run.results.items():
