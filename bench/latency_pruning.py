@@ -37,15 +37,17 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import write_json_atomic, write_text_atomic
+from pipeline.bench import BenchSettings, profile_local
 from pipeline.data.sources import DataPlan
-from pipeline.deploy import REPO, _load
+from pipeline.deploy import REPO
 from pipeline.latency.layers import prunable_layers
 from pipeline.latency.table import candidates, measure_table
+from pipeline.models.checkpoint import load_checkpoint
 from pipeline.models.zoo import get_model_spec
-from pipeline.stages.finetune import FinetuneConfig, finetune_kd
-from pipeline.stages.profile import BenchSettings, profile_local
-from pipeline.stages.prune import count_macs_params, ignored_layers, prunable_groups, prune_to_plan, prune_to_target
-from pipeline.stages.prune_latency import prune_to_latency
+from pipeline.pruning.channels import count_macs_params, ignored_layers, prunable_groups, prune_to_plan, prune_to_target
+from pipeline.pruning.latency import prune_to_latency
+from pipeline.targets import Finetune, PruneTarget, Pruning
+from pipeline.train.distill import finetune_kd
 
 SECTION = "## Latency-aware pruning"
 MULTIPLE = 8
@@ -76,8 +78,8 @@ class Variant:
 
 
 def _convert(model: torch.nn.Module, spec, out: Path, precision: str, data: DataPlan) -> Path:
-    from pipeline.stages.convert_tflite import convert_tflite
-    from pipeline.stages.export_onnx import export_onnx
+    from pipeline.convert.convert_tflite import convert_tflite
+    from pipeline.convert.export_onnx import export_onnx
 
     out.mkdir(parents=True, exist_ok=True)
     onnx = export_onnx(model, spec, out / "model.onnx", check_images=data.calibration.images[:8])
@@ -87,17 +89,21 @@ def _convert(model: torch.nn.Module, spec, out: Path, precision: str, data: Data
 
 
 def _tflite_accuracy(path: Path, precision: str, model: torch.nn.Module, spec, data: DataPlan, threads: int) -> float:
-    from pipeline.stages.convert_tflite import describe_tflite
-    from pipeline.stages.verify import verify_tflite
+    from pipeline.convert.convert_tflite import describe_tflite
+    from pipeline.verification import verify_tflite
 
     report = verify_tflite({precision: describe_tflite(precision, path)}, model, spec, data.test, threads=threads)
     return float(report.record(precision).accuracy)
 
 
 def _finetune(student, teacher, spec, data: DataPlan, args) -> torch.nn.Module:
-    cfg = FinetuneConfig(epochs=args.epochs, lr=1e-3, batch_size=128, temperature=4.0, alpha=0.7,
-                         max_train_images=args.train_images, seed=0)  # fmt: skip
-    return finetune_kd(student, teacher, spec, data.train, cfg).model
+    cfg = Finetune(epochs=args.epochs, lr=1e-3, batch_size=128, temperature=4.0, alpha=0.7,
+                   max_train_images=args.train_images)  # fmt: skip
+    return finetune_kd(student, teacher, spec, data.train, cfg, seed=0).model
+
+
+def _pruning(metric: str, keep: float | None, multiple: int) -> Pruning:
+    return Pruning(target=PruneTarget(metric=metric, keep=keep), channel_multiple=multiple, max_layer_ratio=MAX_RATIO)
 
 
 def _measure_all(variants: list[Variant], settings: BenchSettings, rounds: int) -> None:
@@ -138,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = DataPlan(spec, data_dir=args.data, test_limit=args.test_images)
     work = REPO / "runs" / "bench-latency" / f"{spec.name}-{args.precision}-t{args.threads}"
     work.mkdir(parents=True, exist_ok=True)
-    base = _load(spec, REPO / spec.default_checkpoint)
+    base = load_checkpoint(REPO / spec.default_checkpoint, spec.build())[0].eval()
     ex = torch.zeros(1, *spec.input_shape)
     macs0, _ = count_macs_params(base, ex)
     settings = BenchSettings(threads=args.threads, warmup=20, runs=200, min_seconds=args.min_seconds)
@@ -162,11 +168,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     variants = [unpruned]
     for frac in args.budgets:
         budget = round(frac * full_ms, 5)
-        lp = prune_to_latency(base, ex, table, budget_ms=budget, measured_full_ms=full_ms, channel_multiple=MULTIPLE,
-                              max_ratio=MAX_RATIO)  # fmt: skip
+        lp = prune_to_latency(base, ex, table, _pruning("latency", None, MULTIPLE), budget_ms=budget,
+                              measured_full_ms=full_ms)  # fmt: skip
         keep = lp.result.macs_after / macs0
-        plain = prune_to_target(base, ex, metric="macs", keep=keep, channel_multiple=1, max_ratio=MAX_RATIO)
-        plain8 = prune_to_target(base, ex, metric="macs", keep=keep, channel_multiple=MULTIPLE, max_ratio=MAX_RATIO)
+        plain = prune_to_target(base, ex, _pruning("macs", keep, 1))
+        plain8 = prune_to_target(base, ex, _pruning("macs", keep, MULTIPLE))
         for kind, model, predicted in (
             ("ours", lp.result.model, lp.figures["predicted_ms"]),
             ("plain", plain.model, None),

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline.data.fashion_mnist import load_fashion_mnist
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.zoo import get_model_spec
-from pipeline.stages.finetune import accuracy, predict
+from pipeline.train.distill import accuracy, predict
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,6 +21,10 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
         c, h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected CxHxW like 3x32x32, got {text!r}") from None
+    if min(c, h, w) < 1 or c > 4 or max(h, w) > 8192:
+        raise argparse.ArgumentTypeError(
+            f"expected CxHxW with 1-4 channels and sides of 1-8192 pixels, like 3x32x32; got {text!r}"
+        )
     return c, h, w
 
 
@@ -38,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("deploy", help="prune, fine-tune, convert, verify, profile and bundle for a target")
-    d.add_argument("--target", required=True, help="target name (rpi, rpi4, rpi5, android, coral, host) or a YAML path")
+    d.add_argument("--target", required=True, help=f"target name ({_target_names()}) or a YAML path")
     d.add_argument(
         "--model",
         default="fmnist_cnn",
@@ -46,41 +50,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--checkpoint", type=Path, help="weights for the model (default: the model's own)")
     d.add_argument("--data", type=Path, help="image folder with train/<class>/ and test/<class>/ (own models)")
+    d.add_argument("--classes", type=Path, help="class names in the model's output order, one per line (own models)")
     d.add_argument("--calibration", type=Path, help="calibration images (.npz or folder) for int8")
     d.add_argument("--input-shape", type=_parse_shape, help="CxHxW of a user model's input, e.g. 3x32x32")
     d.add_argument("--mean", type=_parse_floats, help="per-channel mean in 0-1 pixel units (user model)")
     d.add_argument("--std", type=_parse_floats, help="per-channel std in 0-1 pixel units (user model)")
     d.add_argument("--test-images", type=int, help="evaluate on the first N test images only (faster)")
-    d.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    d.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
+    d.add_argument("--runs-dir", type=Path, default=Path("runs"), help="stage outputs and reports (default: runs)")
+    d.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"),
+                   help="where the bundle is published, as <dir>/<target>/ (default: artifacts)")  # fmt: skip
     d.add_argument("--force", action="store_true", help="re-run every stage even when up to date")
     d.add_argument("--allow-budget-miss", action="store_true", help="publish the bundle even if a budget is missed")
     _device_args(d)
 
     pr = sub.add_parser("profile", help="profile a deployed bundle (or any .tflite) on attached devices")
-    pr.add_argument("--target", required=True, help="target name or YAML path (profiling settings, transport)")
+    pr.add_argument(
+        "--target", required=True, help=f"target ({_target_names()}) or YAML path (profiling settings, transport)"
+    )
     pr.add_argument("--model-file", type=Path, action="append", help="a .tflite to profile (default: the bundle's)")
-    pr.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
+    pr.add_argument(
+        "--artifacts-dir", type=Path, default=Path("artifacts"), help="where the bundle is (default: artifacts)"
+    )
     pr.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the figures are written")
     _device_args(pr)
 
     sh = sub.add_parser("ship", help="copy a target's bundle into an Android (Gradle) or iOS (Xcode) app")
-    sh.add_argument("--target", required=True)
+    sh.add_argument("--target", required=True, help=f"the deployed target whose bundle to ship ({_target_names()})")
     sh.add_argument("--app", type=Path, required=True, help="the app project's root folder")
     sh.add_argument("--name", help="model folder name in the app (default: from the bundle)")
     sh.add_argument("--resources", type=Path, help="iOS: the resources folder inside the app (default: found)")
     sh.add_argument("--version", dest="model_version", help="version to ship as (default: the bundle's time)")
     sh.add_argument("--force", action="store_true", help="replace a newer model in the app")
-    sh.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"))
+    sh.add_argument(
+        "--artifacts-dir", type=Path, default=Path("artifacts"), help="where the bundle is (default: artifacts)"
+    )
 
     rp = sub.add_parser("report", help="rebuild a finished run's report (no stage runs), or compare targets")
     rp.add_argument("--target", action="append", required=True, help="repeat for several targets")
-    rp.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    rp.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the finished runs are (default: runs)")
+    rp.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"),
+                    help="the bundles: device figures recorded for them are shown (default: artifacts)")  # fmt: skip
     rp.add_argument("--compare", type=Path, help="write one comparison page here (e.g. artifacts/compare.html)")
 
     t = sub.add_parser("targets", help="list the target profiles, or validate one")
     t.add_argument("name", nargs="?", help="validate and print this target (name or YAML path)")
     return p
+
+
+def _target_names() -> str:
+    from pipeline.targets import available_targets
+
+    return ", ".join(available_targets())
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -103,25 +123,35 @@ def _ssh_options(args: argparse.Namespace):
 
 
 def _model_spec(args: argparse.Namespace):
+    from pipeline.models.classes import check_classes, read_classes_file
     from pipeline.models.zoo import get_model_spec, user_model_spec
 
     if ":" not in args.model:
+        if args.classes is not None:
+            raise UsageError("--classes is for your own model (--model module:factory); built-in models name theirs")
         return get_model_spec(args.model)
     if args.input_shape is None or args.mean is None or args.std is None:
         raise UsageError("a user model (--model module:factory) also needs --input-shape, --mean and --std")
     if args.data is None:
         raise UsageError("a user model needs --data DIR with DIR/train/<class>/ and DIR/test/<class>/ images")
-    classes = (
-        tuple(sorted(p.name for p in (args.data / "train").iterdir() if p.is_dir()))
-        if (args.data / "train").is_dir()
-        else ()
-    )
-    return user_model_spec(args.model, input_shape=args.input_shape, mean=args.mean, std=args.std, class_names=classes)
+    if args.classes is not None:
+        classes = read_classes_file(args.classes)
+    elif (args.data / "train").is_dir():
+        classes = tuple(sorted(p.name for p in (args.data / "train").iterdir() if p.is_dir()))
+    else:
+        from pipeline.errors import DatasetError
+
+        raise DatasetError(f"{args.data / 'train'}: no such folder; --data DIR needs DIR/train/<class>/ images")
+    spec = user_model_spec(args.model, input_shape=args.input_shape, mean=args.mean, std=args.std, class_names=classes)
+    where = f"--classes {args.classes}" if args.classes else f"{args.data / 'train'}"
+    check_classes(spec, where=where, from_file=args.classes is not None)
+    return spec
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from pipeline.data.sources import DataPlan
-    from pipeline.deploy import DeployRequest, deploy
+    from pipeline.deploy import deploy
+    from pipeline.request import DeployRequest
     from pipeline.targets import load_target
 
     target = load_target(args.target, overrides=tuple(args.overrides))
@@ -187,9 +217,10 @@ def _summary_table(s) -> str:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """Profile the bundle's model (or --model-file) on the devices; one table row per device and file."""
-    from pipeline.artifacts import write_json_atomic
-    from pipeline.devices import from_profile, parse_devices, profile_devices
-    from pipeline.errors import DeviceError
+    from pipeline.bench import bench_settings
+    from pipeline.devices import from_profile, parse_devices
+    from pipeline.devices.record import FILE_NAME, profile_and_record
+    from pipeline.errors import DevicesFailed
     from pipeline.targets import load_target
 
     t = load_target(args.target, overrides=tuple(args.overrides))
@@ -198,14 +229,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if not f.is_file():
             raise UsageError(f"{f}: no such model; run `make deploy TARGET={t.name}` first or give --model-file")
     specs = parse_devices(args.device, t.transport) if args.device else (from_profile(t.transport, target=t.name),)
-    from pipeline.deploy import device_bench_settings
-
-    settings = device_bench_settings(t)
     names = {f"{i}:{f.name}" if len(files) > 1 else f.name: f for i, f in enumerate(files)}
-    runs = profile_devices(names, settings, specs, ssh_options=_ssh_options(args))
-    out = {name: run.to_json() for name, run in runs.items()}
-    dest = args.runs_dir / t.name / "profile-devices.json"  # beside the run, not inside the checksummed bundle
-    write_json_atomic(dest, out)
+    dest = args.runs_dir / t.name / FILE_NAME  # beside the run, not inside the checksummed bundle
+    failure: DevicesFailed | None = None
+    try:
+        runs = profile_and_record(names, bench_settings(t, on_host=False), specs, record=dest,
+                                  ssh_options=_ssh_options(args))  # fmt: skip
+    except DevicesFailed as exc:
+        failure, runs = exc, exc.runs
     for name, run in runs.items():
         for model, r in run.results.items():
             lat = r["latency_ms"]
@@ -216,9 +247,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if run.error:
             print(f"{name:<24} error: {run.error}")
     print(f"figures: {dest}")
-    bad = [n for n, r in runs.items() if not r.ok]
-    if bad:
-        raise DeviceError(f"profiling failed on {', '.join(bad)}; what was measured is in {dest}")
+    if failure is not None:
+        raise failure
     return 0
 
 
@@ -229,6 +259,8 @@ def cmd_ship(args: argparse.Namespace) -> int:
                       force=args.force, resources=args.resources, version=args.model_version)  # fmt: skip
     replaced = f", replacing {res.replaced_version}" if res.replaced_version else ""
     print(f"shipped version {res.version} to {res.destination} ({res.app_kind}{replaced})")
+    if res.note:
+        print(f"edgeship: note: {res.note}", file=sys.stderr)
     return 0
 
 
@@ -239,7 +271,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"comparison: {compare_targets(args.target, runs_dir=args.runs_dir, out=args.compare)}")
         return 0
     for t in args.target:
-        files = rebuild_report(t, runs_dir=args.runs_dir)
+        files = rebuild_report(t, runs_dir=args.runs_dir, artifacts_dir=args.artifacts_dir)
         print(f"report: {files.html}  ({files.markdown})")
     return 0
 
@@ -280,6 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"edgeship: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `edgeship targets | head -1`: the reader has gone, nothing to say to it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except OSError as exc:  # a write refused for space outside a stage (copying the bundle), a vanished folder
         from pipeline.artifacts import is_out_of_space
 

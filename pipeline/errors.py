@@ -58,6 +58,14 @@ class DeviceError(PipelineError):
     """A device cannot be reached or the benchmark on it failed."""
 
 
+class DevicesFailed(DeviceError):
+    """Profiling failed on one or more of several devices; `runs` holds what every device gave."""
+
+    def __init__(self, message: str, runs: object) -> None:
+        super().__init__(message)
+        self.runs = runs
+
+
 class LockError(PipelineError):
     """Another run holds the lock of the same target."""
 

@@ -105,7 +105,7 @@ def run_stage(
             f"stage {name}: cannot write {exc.filename or tmp}: {exc.strerror or exc}; free some space on "
             f"{run_dir} (or raise the limit) and run again: finished stages are kept"
         ) from exc
-    except StorageError:
+    except BaseException:  # a failed stage or Ctrl-C: no half-written folder is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = round(time.perf_counter() - start, 3)

@@ -27,7 +27,7 @@ from adb_device import AdbDevice
 from pipeline.devices.adb import RC_MARK, AdbTransport
 from pipeline.devices.profile_device import profile_files, profile_on_device
 from pipeline.errors import DeviceError
-from pipeline.stages.profile import BenchSettings
+from pipeline.bench import BenchSettings
 
 pytest_plugins = ("devices_fixtures",)
 

@@ -16,7 +16,7 @@ import pytest
 from qemu_rootfs import binfmt_aarch64, cache_dir, chroot_wrap, ensure_rootfs, missing_reason
 
 from pipeline.devices.profile_device import profile_many
-from pipeline.stages.profile import BenchSettings
+from pipeline.bench import BenchSettings
 
 pytest_plugins = ("devices_fixtures",)
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ from pipeline.devices import DeviceSpec, open_transport, parse_devices, profile_
 from pipeline.devices.profile_device import profile_many
 from pipeline.devices.ssh import SshTransport
 from pipeline.errors import DeviceError, UsageError
-from pipeline.stages.profile import BenchSettings
+from pipeline.bench import BenchSettings
 
 pytest_plugins = ("devices_fixtures",)
 

@@ -530,8 +530,8 @@ def calibration() -> ImageSet:
 
 
 def _convert(model: nn.Module, name: str, out: Path, calibration: ImageSet, **kw) -> dict:
-    from pipeline.stages.convert_tflite import convert_tflite
-    from pipeline.stages.export_onnx import export_onnx
+    from pipeline.convert.convert_tflite import convert_tflite
+    from pipeline.convert.export_onnx import export_onnx
 
     spec = _spec(name)
     start = time.perf_counter()
@@ -646,7 +646,7 @@ def test_real_leaky_relu_model_falls_back_at_leaky_relu(leaky_files, tmp_path: P
 
 def test_fixes_are_chosen_from_the_onnx_graph(tmp_path: Path) -> None:
     from pipeline.edgetpu.fixes import edgetpu_fixes
-    from pipeline.stages.export_onnx import export_onnx
+    from pipeline.convert.export_onnx import export_onnx
 
     found = {}
     for name, act in (("relu", nn.ReLU()), ("leaky", nn.LeakyReLU(0.1)), ("hswish", nn.Hardswish())):
@@ -681,10 +681,10 @@ def test_stage_points_a_fallback_at_its_pytorch_layer_and_the_fix_removes_it(
     leaky_files, calibration, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline.edgetpu.fixes import edgetpu_fixes
-    from pipeline.stages.convert_tflite import convert_tflite
-    from pipeline.stages.edgetpu import run_edgetpu_stage
-    from pipeline.stages.export_onnx import export_onnx
-    from pipeline.stages.verify import verify_tflite
+    from pipeline.convert.convert_tflite import convert_tflite
+    from pipeline.edgetpu.run import run_edgetpu_stage
+    from pipeline.convert.export_onnx import export_onnx
+    from pipeline.verification import verify_tflite
 
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("PATH", str(tmp_path / "empty") + os.pathsep + str(Path(sys.executable).parent))
@@ -720,7 +720,7 @@ def test_stage_points_a_fallback_at_its_pytorch_layer_and_the_fix_removes_it(
 def test_stage_ships_the_compiled_model_when_the_compiler_is_present(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.stages.edgetpu import run_edgetpu_stage
+    from pipeline.edgetpu.run import run_edgetpu_stage
 
     _fake_compiler(tmp_path / "bin", DATA / "compiler16_fully_mapped.log")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))

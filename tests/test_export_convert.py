@@ -21,9 +21,9 @@ from torch import nn
 
 from pipeline.data.imageset import ImageSet
 from pipeline.errors import ConversionError, DatasetError, ExportError, UsageError, VerificationError
-from pipeline.stages.convert_tflite import TfliteFile, convert_tflite, describe_tflite
-from pipeline.stages.export_onnx import OnnxExport, export_onnx
-from pipeline.stages.verify import PrecisionParity, VerifyReport, check_parity, verify_tflite
+from pipeline.convert.convert_tflite import TfliteFile, convert_tflite, describe_tflite
+from pipeline.convert.export_onnx import OnnxExport, export_onnx
+from pipeline.verification import PrecisionParity, VerifyReport, check_parity, verify_tflite
 from pipeline.tflite import load_interpreter, run_batch, tflite_io_details, uses_xnnpack
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def test_verify_rejects_missing_or_corrupt_tflite(tmp_path: Path, content: bytes
 
 def test_no_tensorflow_in_the_parent_process() -> None:
     code = (
-        "import sys, pipeline.stages.export_onnx, pipeline.stages.convert_tflite, pipeline.stages.verify, "
+        "import sys, pipeline.convert.export_onnx, pipeline.convert.convert_tflite, pipeline.verification, "
         "pipeline.tflite; sys.exit('tensorflow' in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)

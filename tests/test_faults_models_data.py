@@ -27,10 +27,10 @@ from pipeline.data.image_folder import load_image_folder
 from pipeline.data.sources import DataPlan
 from pipeline.errors import CheckpointError, ConversionError, DatasetError, PruningError
 from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.stages.prune import prune_to_target
+from pipeline.pruning.channels import prune_to_target
 from pipeline.targets import TARGETS_DIR, load_target
 from tests.conftest import tiny_resnet
-from tests.tiny_models import SPEC, TinyResidualCNN
+from tests.tiny_models import SPEC, TinyResidualCNN, prune_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = torch.zeros(1, 1, 28, 28)
@@ -305,7 +305,7 @@ def _odd(middle: type[nn.Module]) -> OddNet:
 
 def test_layer_the_pruner_cannot_handle_is_a_pruning_error() -> None:
     with pytest.raises(PruningError) as info:
-        prune_to_target(_odd(SplitAct), EXAMPLE, metric="macs", keep=0.6, channel_multiple=4)
+        prune_to_target(_odd(SplitAct), EXAMPLE, prune_cfg(metric="macs", keep=0.6, channel_multiple=4))
     msg = str(info.value)
     assert "split_with_sizes" in msg  # the underlying error, quoted
     assert "pruning.keep_layers" in msg and "pruning.enabled: false" in msg  # what to do
@@ -313,7 +313,7 @@ def test_layer_the_pruner_cannot_handle_is_a_pruning_error() -> None:
 
 def test_layer_the_pruner_cannot_handle_is_named() -> None:
     with pytest.raises(PruningError) as info:
-        prune_to_target(_odd(SplitAct), EXAMPLE, metric="macs", keep=0.6, channel_multiple=4)
+        prune_to_target(_odd(SplitAct), EXAMPLE, prune_cfg(metric="macs", keep=0.6, channel_multiple=4))
     msg = str(info.value)
     assert "'odd' (SplitAct)" in msg  # the layer that failed
     assert "'conv1'" in msg  # the layer to keep so that it gets the channels it expects
@@ -331,7 +331,7 @@ def test_keep_layers_from_a_profile_lets_the_model_through(tmp_path: Path) -> No
     assert profile.pruning.keep_layers == ("conv1",)
     model = _odd(SplitAct)
     result = prune_to_target(
-        model, EXAMPLE, metric="macs", keep=0.6, channel_multiple=4, keep_layers=profile.pruning.keep_layers
+        model, EXAMPLE, prune_cfg(metric="macs", keep=0.6, channel_multiple=4, keep_layers=profile.pruning.keep_layers)
     )
     assert result.keep_achieved <= 0.6 and result.macs_after < result.macs_before
     pruned = result.model
@@ -344,7 +344,7 @@ def test_custom_parameter_layer_is_pruned_and_its_checkpoint_loads(tmp_path: Pat
     checkpoint.py the pruned checkpoint saved but did not load ("shape: odd.scale (8, 1, 1) vs (16, 1, 1)")."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Unwrapped parameters detected: ['odd.scale']"
-        result = prune_to_target(_odd(ChannelScale), EXAMPLE, metric="macs", keep=0.5, channel_multiple=4)
+        result = prune_to_target(_odd(ChannelScale), EXAMPLE, prune_cfg(metric="macs", keep=0.5, channel_multiple=4))
     pruned = result.model
     assert pruned.odd.scale.shape[0] == pruned.conv1.out_channels < 16
     save_checkpoint(pruned, tmp_path / "pruned.pt", meta={})
@@ -381,8 +381,8 @@ def _castlike_onnx(path: Path) -> None:
 def test_op_onnx2tf_cannot_convert_is_a_conversion_error_with_its_tail(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from pipeline.stages.convert_tflite import convert_tflite
-    from pipeline.stages.export_onnx import OnnxExport
+    from pipeline.convert.convert_tflite import convert_tflite
+    from pipeline.convert.export_onnx import OnnxExport
 
     _castlike_onnx(tmp_path / "castlike.onnx")
     session = ort.InferenceSession(str(tmp_path / "castlike.onnx"), providers=["CPUExecutionProvider"])

@@ -23,6 +23,7 @@ import yaml
 from pipeline.errors import PruningError, TargetConfigError
 from pipeline.targets import TARGETS_DIR, load_target
 from tests.conftest import needs_fmnist, tiny_resnet
+from tests.tiny_models import prune_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINE = REPO / "pipeline"
@@ -256,11 +257,11 @@ def test_free_text_fields_are_kept_verbatim_and_never_run(tmp_path: Path) -> Non
 
 def test_keep_layers_with_metacharacters_are_only_looked_up(tmp_path: Path) -> None:
     value, markers = _payloads(tmp_path)
-    from pipeline.stages.prune import prune_to_target
+    from pipeline.pruning.channels import prune_to_target
 
     with pytest.raises(PruningError, match=r"pruning.keep_layers: the model has no layer 'x; touch"):
-        prune_to_target(tiny_resnet(), torch.zeros(1, 1, 28, 28), metric="macs", keep=0.5, channel_multiple=4,
-                        keep_layers=[value])  # fmt: skip
+        prune_to_target(tiny_resnet(), torch.zeros(1, 1, 28, 28), prune_cfg(metric="macs", keep=0.5, channel_multiple=4,
+                        keep_layers=[value]))  # fmt: skip
     assert not any(m.exists() for m in markers)
 
 

@@ -11,8 +11,9 @@ from pipeline.errors import PruningError
 from pipeline.latency.allocate import allocate
 from pipeline.latency.layers import Geometry, Layer, prunable_layers
 from pipeline.latency.table import LatencyTable, _bilinear, candidates, measure_table, plan_probes
-from pipeline.stages.prune import count_macs_params, prunable_groups
-from pipeline.stages.prune_latency import prune_to_latency
+from pipeline.pruning.channels import count_macs_params, prunable_groups
+from pipeline.pruning.latency import prune_to_latency
+from tests.tiny_models import prune_cfg
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
 
@@ -147,8 +148,8 @@ def test_prune_to_latency_prunes_to_the_allocated_plan(tiny_model) -> None:
         entries[key] = {"cin": cin, "cout": cout, "ms": [[1e-5 * hw * ci * co for co in cout] for ci in cin]}
     table = _table(entries)
     full = table.predict(layers, groups)
-    lp = prune_to_latency(tiny_model, EXAMPLE, table, budget_ms=0.6 * full, measured_full_ms=full,
-                          channel_multiple=4, max_ratio=0.75)  # fmt: skip
+    lp = prune_to_latency(tiny_model, EXAMPLE, table, prune_cfg(metric="latency", channel_multiple=4, max_ratio=0.75),
+                          budget_ms=0.6 * full, measured_full_ms=full)  # fmt: skip
     assert lp.figures["predicted_ms"] <= 0.6 * full + 1e-6
     pruned = lp.result.model
     assert pruned.stem[0].out_channels == lp.figures["plan"]["stem.0"]

@@ -14,8 +14,9 @@ import torch
 from pipeline.errors import CheckpointError, UsageError
 from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.models.zoo import get_model_spec, load_factory, user_model_spec
-from pipeline.stages.prune import prune_to_target
+from pipeline.pruning.channels import prune_to_target
 from tests.conftest import needs_fmnist, tiny_resnet
+from tests.tiny_models import prune_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 X = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -23,7 +24,7 @@ X = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 def test_pruned_checkpoint_round_trip(tmp_path: Path) -> None:
     model = tiny_resnet()
-    pruned = prune_to_target(model, X[:1], metric="macs", keep=0.4, channel_multiple=4).model
+    pruned = prune_to_target(model, X[:1], prune_cfg(metric="macs", keep=0.4, channel_multiple=4)).model
     save_checkpoint(pruned, tmp_path / "p.pt", meta={"note": "pruned"})
     loaded, meta = load_checkpoint(tmp_path / "p.pt", tiny_resnet(seed=5))
     assert meta == {"note": "pruned"}
@@ -129,19 +130,20 @@ def test_efficientnet_lite0_real_weights() -> None:
     assert model._bn0.running_var.mean() > 0.5 and not torch.allclose(model._bn0.running_mean, torch.zeros(32))
 
 
-def test_committed_default_checkpoint() -> None:
-    figures = json.loads((REPO / "models" / "fmnist_cnn.json").read_text())
-    assert figures["test_accuracy"] >= 0.88
-    assert (REPO / "models" / "fmnist_cnn.pt").stat().st_size < 1_500_000
-
-
 @needs_fmnist
-def test_default_checkpoint_accuracy_is_reproducible() -> None:
+def test_committed_default_checkpoint_measures_what_its_figures_say() -> None:
+    """models/fmnist_cnn.pt measured here on all 10,000 Fashion-MNIST test images: the accuracy its committed
+    figures (models/fmnist_cnn.json, the checkpoint's own meta) record, and not below 0.88."""
     from pipeline.data.fashion_mnist import load_fashion_mnist
-    from pipeline.stages.finetune import accuracy, predict
+    from pipeline.train.distill import accuracy, predict
 
+    figures = json.loads((REPO / "models" / "fmnist_cnn.json").read_text())
     spec = get_model_spec("fmnist_cnn")
     model, meta = load_checkpoint(REPO / "models" / "fmnist_cnn.pt", spec.build())
+    assert meta["test_accuracy"] == figures["test_accuracy"] and meta["test_images"] == figures["test_images"]
     test = load_fashion_mnist("test")
-    acc = accuracy(predict(model, spec, test.subset(2000, seed=0)), test.subset(2000, seed=0).labels)
-    assert abs(acc - meta["test_accuracy"]) < 0.02
+    assert len(test) == figures["test_images"] == 10_000
+    acc = accuracy(predict(model, spec, test), test.labels)
+    assert acc >= 0.88
+    assert abs(acc - figures["test_accuracy"]) <= 0.002, acc  # 20 images: float noise across CPUs, no more
+    assert (REPO / "models" / "fmnist_cnn.pt").stat().st_size < 1_500_000

@@ -6,11 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pipeline.errors import DeviceError
-from pipeline.stages.profile import RUNNER, BenchSettings, parse_runner_output, profile_local
+from pipeline.bench import RUNNER, BenchSettings, parse_runner_output, profile_local
 
 
 def _tiny_tflite(path: Path) -> Path:
@@ -63,10 +62,24 @@ def test_parse_runner_output_quotes_garbage() -> None:
 
 
 def test_runner_is_standalone() -> None:
-    """The device-side runner must not import edgeship: it is copied alone to devices."""
+    """The device-side runner must not import edgeship: it is copied alone to devices (power_sampler.py beside
+    it). Its imports are the standard library, numpy, and a TFLite interpreter looked up by name at run time;
+    at module level only the standard library, so it starts (and --help works) with no site-packages at all."""
+    import ast
+
     text = RUNNER.read_text()
     assert "import pipeline" not in text and "from pipeline" not in text
-    assert np  # numpy is the runner's only third-party import besides the interpreter
+    tree = ast.parse(text)
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported - set(sys.stdlib_module_names) == {"numpy", "power_sampler"}
+    for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow.lite"):
+        assert f'"{module}"' in text  # __import__'ed by name, in this order of preference
+    bare = subprocess.run([sys.executable, "-S", str(RUNNER), "--help"], capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 0 and "--model" in bare.stdout, bare.stderr
+    no_numpy = subprocess.run([sys.executable, "-S", str(RUNNER), "--model", "m.tflite"], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+    assert no_numpy.returncode != 0 and "No module named 'numpy'" in no_numpy.stderr  # numpy: imported, after argv
 
 
 def _runner(*args: str) -> subprocess.CompletedProcess:

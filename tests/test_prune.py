@@ -7,20 +7,21 @@ import torch
 from torch import nn
 
 from pipeline.errors import PruningError
-from pipeline.stages.prune import (
+from pipeline.pruning.channels import (
     count_macs_params,
     prunable_groups,
     prune_to_plan,
     prune_to_target,
     uniform_plan,
 )
+from tests.tiny_models import prune_cfg
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
 
 
 @pytest.mark.parametrize(("metric", "keep"), [("macs", 0.5), ("macs", 0.3), ("params", 0.5)])
 def test_reaches_the_stated_target(tiny_model: nn.Module, metric: str, keep: float) -> None:
-    result = prune_to_target(tiny_model, EXAMPLE, metric=metric, keep=keep, channel_multiple=4)
+    result = prune_to_target(tiny_model, EXAMPLE, prune_cfg(metric=metric, keep=keep, channel_multiple=4))
     macs, params = count_macs_params(result.model, EXAMPLE)
     value = macs / result.macs_before if metric == "macs" else params / result.params_before
     assert value == pytest.approx(result.keep_achieved)
@@ -30,7 +31,7 @@ def test_reaches_the_stated_target(tiny_model: nn.Module, metric: str, keep: flo
 
 
 def test_channels_are_physically_removed_and_multiples_kept(tiny_model: nn.Module) -> None:
-    result = prune_to_target(tiny_model, EXAMPLE, metric="macs", keep=0.5, channel_multiple=8)
+    result = prune_to_target(tiny_model, EXAMPLE, prune_cfg(metric="macs", keep=0.5, channel_multiple=8))
     m = result.model
     assert m.stem[0].out_channels < 16 and m.stem[0].weight.shape[0] == m.stem[0].out_channels
     # coupled layers agree: BN after conv, residual branches, next layer's input
@@ -57,19 +58,23 @@ def test_importance_keeps_the_strongest_channels(tiny_model: nn.Module) -> None:
 
 
 def test_keep_layers_are_left_alone(tiny_model: nn.Module) -> None:
-    result = prune_to_target(tiny_model, EXAMPLE, metric="macs", keep=0.6, channel_multiple=4, keep_layers=["stem.0"])
+    result = prune_to_target(
+        tiny_model, EXAMPLE, prune_cfg(metric="macs", keep=0.6, channel_multiple=4, keep_layers=["stem.0"])
+    )
     assert result.model.stem[0].out_channels == 16
     assert "stem.0" not in prunable_groups(tiny_model, EXAMPLE, keep_layers=["stem.0"])
 
 
 def test_unknown_keep_layer_suggests(tiny_model: nn.Module) -> None:
     with pytest.raises(PruningError, match=r"no layer 'stem.9'; did you mean stem\.\d"):
-        prune_to_target(tiny_model, EXAMPLE, metric="macs", keep=0.5, channel_multiple=4, keep_layers=["stem.9"])
+        prune_to_target(
+            tiny_model, EXAMPLE, prune_cfg(metric="macs", keep=0.5, channel_multiple=4, keep_layers=["stem.9"])
+        )
 
 
 def test_unreachable_target_is_a_clear_error(tiny_model: nn.Module) -> None:
     with pytest.raises(PruningError, match=r"cannot keep only 1% of the macs"):
-        prune_to_target(tiny_model, EXAMPLE, metric="macs", keep=0.01, channel_multiple=8, max_ratio=0.5)
+        prune_to_target(tiny_model, EXAMPLE, prune_cfg(metric="macs", keep=0.01, channel_multiple=8, max_ratio=0.5))
 
 
 def test_uniform_plan_bounds() -> None:
@@ -79,7 +84,7 @@ def test_uniform_plan_bounds() -> None:
 
 
 def test_keep_everything_is_identity(tiny_model: nn.Module) -> None:
-    result = prune_to_target(tiny_model, EXAMPLE, metric="macs", keep=1.0, channel_multiple=8)
+    result = prune_to_target(tiny_model, EXAMPLE, prune_cfg(metric="macs", keep=1.0, channel_multiple=8))
     assert result.macs_after == result.macs_before
     x = torch.randn(1, 1, 28, 28)
     assert torch.equal(result.model(x), tiny_model(x))

@@ -1,7 +1,7 @@
 """The HTML deploy report: rendered from a summary, opened in a real headless Chromium, every image loaded.
 
 Chromium comes from Debian's `chromium` package (.ci/setup_report.sh); without it the browser tests skip and
-say so. The summaries below have the shape `pipeline.stages.bundle.summarize` gives, Edge TPU analysis and
+say so. The summaries below have the shape `pipeline.report.summary.summarize` gives, Edge TPU analysis and
 energy figures included.
 """
 

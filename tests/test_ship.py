@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,6 @@ from tiny_models import CLASSES, SPEC, has_fashion_mnist, read_fashion_mnist, tr
 
 import pipeline.ship.copy as ship_copy
 from pipeline.errors import ShipError
-from pipeline.runner import StageRecord
 from pipeline.ship import ship
 from pipeline.ship.copy import previous_dir, recover, staging_dir
 from pipeline.ship.embed import (
@@ -75,10 +77,10 @@ def fmnist():
 @pytest.fixture(scope="module")
 def bundle(fmnist, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """artifacts/<target>/ as the deploy publishes it, for an int8 model with int8 input and output."""
-    from pipeline.stages.bundle import publish
-    from pipeline.stages.convert_tflite import convert_tflite
-    from pipeline.stages.export_onnx import export_onnx
-    from pipeline.stages.verify import verify_tflite
+    from pipeline.bundle import publish_bundle
+    from pipeline.convert.convert_tflite import convert_tflite
+    from pipeline.convert.export_onnx import export_onnx
+    from pipeline.verification import verify_tflite
 
     train, test = fmnist
     torch.set_num_threads(2)
@@ -99,19 +101,9 @@ def bundle(fmnist, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "data": {"test": test.source},
         "variants": {"int8": {"accuracy": parity.accuracy, "size_bytes": rec.size_bytes}},
     }
-    io = {
-        "layout": "NHWC",
-        "input": {"shape": list(rec.input_shape), "dtype": rec.input_dtype, "quantization": rec.input_quantization},
-        "output": {
-            "shape": list(rec.output_shape), "dtype": rec.output_dtype, "quantization": rec.output_quantization,
-        },
-    }  # fmt: skip
-    spec_meta = {"mean": list(SPEC.mean), "std": list(SPEC.std), "class_names": list(SPEC.class_names)}
-    report = work / "report.md"
-    report.write_text("# report\n")
-    conv = StageRecord("convert", work, {}, False, 0.0)
-    return publish(summary, conv, tmp_path_factory.mktemp("artifacts") / "android", report_path=report,
-                   spec_meta=spec_meta, io=io)  # fmt: skip
+    (work / "report.md").write_text("# report\n")
+    return publish_bundle(tmp_path_factory.mktemp("artifacts") / "android", summary, files, spec=SPEC,
+                          report_dir=work)  # fmt: skip
 
 
 def predict_with_shipped_metadata(folder: Path, images: np.ndarray) -> list[str]:
@@ -218,19 +210,70 @@ def test_embedded_metadata_is_readable_and_the_model_computes_the_same(bundle: P
     assert np.array_equal(outs[0], outs[1])
 
 
+TFLITE_SUPPORT = "tflite-support==0.4.4"
+# The official reader, apart from the pinned stack: its own folder on PYTHONPATH, in a child process. (Only the
+# metadata reader is imported: `import tflite_support` also loads its Task Library protos, which need protobuf < 4.)
+READ_WITH_TFLITE_SUPPORT = """
+import json, sys
+from tensorflow_lite_support.metadata.python import metadata
+shown = metadata.MetadataDisplayer.with_model_file(sys.argv[1])
+print("EDGESHIP_TFLS " + json.dumps({
+    "from": metadata.__file__, "metadata": json.loads(shown.get_metadata_json()),
+    "packed": shown.get_packed_associated_file_list(),
+    "labels": shown.get_associated_file_buffer("labels.txt").decode("utf-8"),
+}))
+"""
+
+
+def _tflite_support_dir() -> Path:
+    """tflite-support installed with --no-deps into a folder of its own (it wants protobuf < 4, which the pinned
+    stack cannot have), once per machine: $EDGESHIP_TFLITE_SUPPORT, else /var/cache/edgeship-tflite-support as
+    root, else ~/.cache/edgeship/tflite-support. Skips, with pip's words, when it cannot be installed."""
+    default = "/var/cache/edgeship-tflite-support" if os.geteuid() == 0 else "~/.cache/edgeship/tflite-support"
+    dest = Path(os.environ.get("EDGESHIP_TFLITE_SUPPORT", default)).expanduser()
+    if (dest / ".edgeship").is_file() and (dest / ".edgeship").read_text() == TFLITE_SUPPORT:
+        return dest
+    tmp = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+         "--only-binary=:all:", "--target", str(tmp), TFLITE_SUPPORT],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"cannot pip install {TFLITE_SUPPORT} for the cross-check: {proc.stderr.strip()[-500:]}")
+    (tmp / ".edgeship").write_text(TFLITE_SUPPORT)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
 @pytest.mark.slow
 def test_official_tflite_support_reads_the_metadata(bundle: Path, tmp_path: Path) -> None:
-    metadata = pytest.importorskip(
-        "tensorflow_lite_support.metadata.python.metadata",
-        reason="tflite-support not installed (pip install --no-deps tflite-support==0.4.4 for this cross-check)",
-    )
     dest = ship(bundle, android_app(tmp_path / "app"), model_name=MODEL).destination
-    shown = metadata.MetadataDisplayer.with_model_file(str(dest / "model.tflite"))
-    parsed = json.loads(shown.get_metadata_json())
-    unit = parsed["subgraph_metadata"][0]["input_tensor_metadata"][0]["process_units"][0]
+    where = _tflite_support_dir()
+    proc = subprocess.run(
+        [sys.executable, "-c", READ_WITH_TFLITE_SUPPORT, str(dest / "model.tflite")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(where)},
+    )  # fmt: skip
+    if "libusb-1.0.so.0" in proc.stderr:  # its metadata extension links libusb
+        pytest.skip("tflite-support needs libusb-1.0.so.0: apt-get install libusb-1.0-0 (.ci/setup_devices.sh)")
+    line = next((s for s in proc.stdout.splitlines() if s.startswith("EDGESHIP_TFLS ")), None)
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    out = json.loads(line[len("EDGESHIP_TFLS ") :])
+    assert out["from"].startswith(str(where))  # the official package, not something else on the path
+    parsed = out["metadata"]
+    tensor = parsed["subgraph_metadata"][0]["input_tensor_metadata"][0]
+    unit = tensor["process_units"][0]
     assert unit["options_type"] == "NormalizationOptions"
     assert unit["options"]["mean"] == pytest.approx([255 * SPEC.mean[0]], rel=1e-5)
-    assert shown.get_packed_associated_file_list() == ["labels.txt"]
+    assert unit["options"]["std"] == pytest.approx([255 * SPEC.std[0]], rel=1e-5)
+    assert tensor["content"]["content_properties_type"] == "ImageProperties"
+    output = parsed["subgraph_metadata"][0]["output_tensor_metadata"][0]
+    assert [(f["name"], f["type"]) for f in output["associated_files"]] == [("labels.txt", "TENSOR_AXIS_LABELS")]
+    assert out["packed"] == ["labels.txt"]
+    assert out["labels"] == (dest / "labels.txt").read_text() and out["labels"].splitlines() == list(CLASSES)
 
 
 @pytest.mark.slow

@@ -99,3 +99,19 @@ def train_tiny(data: ImageSet, *, steps: int = 60, batch: int = 64, seed: int = 
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def prune_cfg(
+    *,
+    metric: str = "macs",
+    keep: float | None = None,
+    channel_multiple: int = 8,
+    importance: str = "l2",
+    keep_layers=(),
+    max_ratio: float = 0.8,
+):
+    """A checked `pruning:` profile section, as a profile would give it to the pruner."""
+    from pipeline.targets import PruneTarget, Pruning
+
+    return Pruning(target=PruneTarget(metric=metric, keep=keep), channel_multiple=channel_multiple,
+                   importance=importance, keep_layers=tuple(keep_layers), max_layer_ratio=max_ratio)  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -9,21 +11,36 @@ import numpy as np
 from pipeline.data.imageset import ImageSet
 from pipeline.errors import DatasetError
 
+log = logging.getLogger(__name__)
+
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 
 
-def _read(path: Path, *, size: tuple[int, int], channels: int) -> np.ndarray:
+def _read(path: Path, *, size: tuple[int, int], channels: int) -> tuple[np.ndarray, bool, str | None]:
+    """The image as HxWxC uint8, whether it was resized, and what it was converted from (None: nothing)."""
     import cv2
 
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
-    if img is None:
+    raw = cv2.imread(str(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)  # EXIF orientation applied
+    if raw is None:
         raise DatasetError(f"{path}: cannot decode this image; remove it or replace it")
-    if channels == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    converted = None
+    if raw.dtype != np.uint8:
+        converted = f"{raw.dtype} pixels"
+        raw = cv2.convertScaleAbs(raw, alpha=255.0 / max(1.0, float(np.iinfo(raw.dtype).max)))
+    have = 1 if raw.ndim == 2 else raw.shape[2]
+    if have == 1:
+        img = raw.reshape(raw.shape[0], raw.shape[1]) if channels == 1 else cv2.cvtColor(raw, cv2.COLOR_GRAY2RGB)
+    elif channels == 1:
+        img = cv2.cvtColor(raw, cv2.COLOR_BGRA2GRAY if have == 4 else cv2.COLOR_BGR2GRAY)
+    else:
+        img = cv2.cvtColor(raw, cv2.COLOR_BGRA2RGB if have == 4 else cv2.COLOR_BGR2RGB)
+    if have != channels:
+        converted = converted or {1: "grayscale", 3: "colour", 4: "colour with alpha"}.get(have, f"{have} channels")
     h, w = size
-    if img.shape[:2] != (h, w):
+    resized = img.shape[:2] != (h, w)
+    if resized:
         img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
-    return img.reshape(h, w, channels)
+    return img.reshape(h, w, channels), resized, converted
 
 
 def load_image_folder(root: Path, *, size: tuple[int, int], channels: int) -> ImageSet:
@@ -35,11 +52,29 @@ def load_image_folder(root: Path, *, size: tuple[int, int], channels: int) -> Im
     if not classes:
         raise DatasetError(f"{root}: no class folders; expected {root}/<class>/<image files>")
     images, labels = [], []
+    resized, converted = 0, Counter()
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):
             if path.suffix.lower() in SUFFIXES:
-                images.append(_read(path, size=size, channels=channels))
+                img, was_resized, was = _read(path, size=size, channels=channels)
+                images.append(img)
                 labels.append(label)
+                resized += was_resized
+                if was:
+                    converted[was] += 1
     if not images:
         raise DatasetError(f"{root}: no images ({', '.join(sorted(SUFFIXES))}) in the class folders")
+    _report_changes(root, len(images), resized, converted, size=size, channels=channels)
     return ImageSet(np.stack(images).astype(np.uint8), np.array(labels, dtype=np.int64), tuple(classes), str(root))
+
+
+def _report_changes(root: Path, n: int, resized: int, converted: Counter, *, size: tuple[int, int],
+                    channels: int) -> None:  # fmt: skip
+    """Say how many images were resized or converted to fit the model's input: never silently."""
+    parts = []
+    if resized:
+        parts.append(f"{resized} of {n} resized to {size[0]}x{size[1]}")
+    want = "grayscale" if channels == 1 else "RGB"
+    parts += [f"{k} of {n} converted from {what} to {want}" for what, k in sorted(converted.items())]
+    if parts:
+        log.warning("%s: %s, the model's input (check this is what you meant)", root, "; ".join(parts))

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench import RUNNER, BenchSettings, parse_runner_output, runner_argv
 from pipeline.devices.benchmark_model import benchmark_model_argv, parse_benchmark_model
 from pipeline.devices.spec import DeviceSpec, open_transport
 from pipeline.devices.ssh import SshOptions
 from pipeline.devices.transport import Completed, Transport
 from pipeline.errors import DeviceError
-from pipeline.stages.profile import RUNNER, BenchSettings, parse_runner_output, runner_argv
 
 log = logging.getLogger(__name__)
 
@@ -158,16 +158,11 @@ def _uname_info(transport: Transport) -> dict[str, Any]:
     return out
 
 
-def _runner_supports_power() -> bool:
-    return "--power" in RUNNER.read_text()
-
-
 def profile_files(
     models: Mapping[str, Path],
     settings: BenchSettings,
     transport: Transport,
     *,
-    power_kind: str | None = None,
     cpus: Sequence[int] = (),
     benchmark_model: str | None = None,
     timeout_s: float = 600.0,
@@ -198,7 +193,7 @@ def profile_files(
             transport.push(path, remote[name], timeout_s=max(SHORT_S, timeout_s / 2))
         for name, path in models.items():
             try:
-                result = _bench_one(transport, remote[name], workdir, settings, power_kind=power_kind, cpus=cpus,
+                result = _bench_one(transport, remote[name], workdir, settings, cpus=cpus,
                                     benchmark_model=benchmark_model, timeout_s=timeout_s)  # fmt: skip
             except _ModelFailed as exc:
                 failed[name] = str(exc)
@@ -229,7 +224,6 @@ def _bench_one(
     workdir: str,
     settings: BenchSettings,
     *,
-    power_kind: str | None,
     cpus: Sequence[int],
     benchmark_model: str | None,
     timeout_s: float,
@@ -248,8 +242,6 @@ def _bench_one(
     argv = runner_argv(transport.python, posixpath.join(workdir, RUNNER.name), model, settings)
     if cpus:
         argv += ["--cpus", ",".join(str(c) for c in cpus)]
-    if power_kind and power_kind != "none" and _runner_supports_power():
-        argv += ["--power", power_kind]
     done = transport.run(argv, timeout_s=timeout_s)
     if done.rc != 0:
         raise _ModelFailed(f"the runner failed (exit {done.rc}): {(done.stderr or done.stdout)[-800:]}")
@@ -273,13 +265,12 @@ def profile_on_device(
     settings: BenchSettings,
     transport: Transport,
     *,
-    power_kind: str | None = None,
     timeout_s: float = 600.0,
     cpus: Sequence[int] = (),
     benchmark_model: str | None = None,
 ) -> dict[str, Any]:
     """Benchmark one .tflite file on one device; its figures, or a DeviceError."""
-    run = profile_files({model.name: model}, settings, transport, power_kind=power_kind, cpus=cpus,
+    run = profile_files({model.name: model}, settings, transport, cpus=cpus,
                         benchmark_model=benchmark_model, timeout_s=timeout_s)  # fmt: skip
     if run.error is not None:
         raise run.error
@@ -293,7 +284,6 @@ def profile_many(
     settings: BenchSettings,
     transports: Mapping[str, Transport],
     *,
-    power_kind: str | None = None,
     cpus: Sequence[int] = (),
     benchmark_model: str | None = None,
     timeout_s: float = 600.0,
@@ -303,7 +293,7 @@ def profile_many(
 
     def one(transport: Transport) -> DeviceRun:
         try:
-            return profile_files(files, settings, transport, power_kind=power_kind, cpus=cpus,
+            return profile_files(files, settings, transport, cpus=cpus,
                                  benchmark_model=benchmark_model, timeout_s=timeout_s)  # fmt: skip
         except Exception as exc:  # a bug or an unexpected failure on one device must not lose the others
             log.exception("profiling on %s", transport.describe())
@@ -323,7 +313,6 @@ def profile_devices(
     *,
     ssh_options: SshOptions | None = None,
     adb_server_port: int | None = None,
-    power_kind: str | None = None,
     cpus: Sequence[int] = (),
     benchmark_model: str | None = None,
     timeout_s: float = 600.0,
@@ -338,7 +327,7 @@ def profile_devices(
                 transports[spec.name] = open_transport(spec, ssh_options=ssh_options, adb_server_port=adb_server_port)
             except DeviceError as exc:
                 runs[spec.name] = DeviceRun(device=spec.name, error=exc)
-        runs.update(profile_many(models, settings, transports, power_kind=power_kind, cpus=cpus,
+        runs.update(profile_many(models, settings, transports, cpus=cpus,
                                  benchmark_model=benchmark_model, timeout_s=timeout_s))  # fmt: skip
     finally:
         for t in transports.values():

@@ -43,18 +43,14 @@ directory; it is read from there when stdout has none.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 import shutil
-import signal
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConversionError
+from pipeline.proc import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -263,31 +259,12 @@ def _tail(text: str, n: int = TAIL_LINES) -> str:
 
 
 def _run(argv: list[str], *, timeout_s: float) -> tuple[int | None, str, float]:
-    """Run argv (its own session, so a timeout kills it and its children); (exit code or None, output, s)."""
-    start = time.perf_counter()
+    """Run argv (its own session, killed with edgeship); (exit code or None on timeout, output, seconds)."""
     try:
-        from pipeline.stages.convert_tflite import _dies_with_us  # killed with edgeship, never orphaned
-
-        proc = subprocess.Popen(
-            _dies_with_us(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        done = run_tool(argv, timeout_s=timeout_s, merge_stderr=True)
     except OSError as exc:
         raise ConversionError(f"cannot start {argv[0]} ({exc}); argv: {' '.join(argv)}") from exc
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-        rc: int | None = proc.returncode
-    except BaseException as exc:  # timeout or Ctrl-C: end the compiler and its child process
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        if not isinstance(exc, subprocess.TimeoutExpired):
-            raise
-        rc = None
-    return rc, (out or b"").decode(errors="replace"), time.perf_counter() - start
+    return done.rc, done.stdout + done.stderr, done.seconds
 
 
 def not_available(model: Path) -> CompilerResult:

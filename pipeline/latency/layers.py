@@ -96,7 +96,7 @@ def prunable_layers(
     """Every Conv2d/Linear layer with its geometry and the groups that set its channels. `ignored` layers (by
     default the output layers, as the pruner keeps them) never get an output group."""
     if ignored is None:
-        from pipeline.stages.prune import ignored_layers
+        from pipeline.pruning.channels import ignored_layers
 
         ignored = ignored_layers(model, example)
     sizes = _input_sizes(model, example)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -30,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts import write_json_atomic
+from pipeline.bench import RUNNER, parse_runner_output
 from pipeline.errors import DeviceError
 from pipeline.latency.layers import Geometry, Layer
-from pipeline.stages.profile import RUNNER, parse_runner_output
+from pipeline.proc import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +187,9 @@ def measure_table(
 
 
 def _run(argv: list[str], timeout_s: float, what: str) -> str:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        raise DeviceError(f"{what} took over {timeout_s:.0f} s") from None
-    if proc.returncode != 0:
-        raise DeviceError(f"{what} failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
+    proc = run_tool(argv, timeout_s=timeout_s)
+    if proc.timed_out:
+        raise DeviceError(f"{what} took over {timeout_s:.0f} s")
+    if proc.rc != 0:
+        raise DeviceError(f"{what} failed (exit {proc.rc}): {proc.stderr[-1500:]}")
     return proc.stdout

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 from collections.abc import Callable
 
 from torch import nn
 
 from pipeline.errors import UsageError
 from pipeline.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 
 def _fmnist_cnn() -> ModelSpec:
@@ -85,6 +88,8 @@ def user_model_spec(
         raise UsageError(f"--mean/--std need 1 or {c} values for a {c}-channel input")
     if any(s <= 0 for s in std):
         raise UsageError("--std values must be positive")
+    if c > 1 and (len(mean) == 1 or len(std) == 1):
+        log.warning("--mean/--std: one value given for a %d-channel input; it is used for every channel", c)
     mean, std = (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
     return ModelSpec(
         name=ref.replace(":", "."), build=_checked(factory, ref), input_shape=input_shape, mean=mean, std=std,

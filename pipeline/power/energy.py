@@ -62,17 +62,25 @@ def energy_summary(
     latency_ms: float,
     inferences: int,
     profile_power: Power,
+    sampled: bool = True,
 ) -> dict[str, Any]:
     """Average active and idle power, power above idle and energy per inference (mJ), with how each was had.
 
     ``idle``/``active`` are ``power_sampler`` results (None when the runner had none); ``latency_ms`` is the
-    mean latency of one inference and ``inferences`` the number timed while ``active`` was sampled."""
+    mean latency of one inference and ``inferences`` the number timed while ``active`` was sampled.
+    ``sampled=False``: the runner was not asked to read a sensor (profiled on this machine standing in for the
+    target), which the method then says instead of blaming the device."""
     if latency_ms <= 0 or inferences < 0:
         raise ValueError(f"latency_ms must be > 0 and inferences >= 0 (got {latency_ms}, {inferences})")
     kind = profile_power.kind
     active_measured = kind != "none" and _measured(active)
     idle_measured = kind != "none" and _measured(idle)
-    reason = "" if active_measured else _why_not_measured(active, kind)
+    if active_measured:
+        reason = ""
+    elif not sampled and kind != "none":
+        reason = f"no sensor read: profiled on this machine, which stands in for the {kind} device"
+    else:
+        reason = _why_not_measured(active, kind)
 
     active_w = float(active["avg_w"]) if active_measured else profile_power.active_w
     idle_w = float(idle["avg_w"]) if idle_measured else profile_power.idle_w

@@ -179,7 +179,7 @@ def _many(np, args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", help="the .tflite file to benchmark")
     p.add_argument("--many", help="benchmark every .tflite file in this folder (p50/mean per file)")
@@ -199,6 +199,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--power-options", default="{}", help="JSON options for the power sampler")
     p.add_argument("--power-rate", type=float, default=0.0, help="sampling rate in Hz (0: the source's default)")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle power is measured this long first")
+    return p
+
+
+def _pin(cpus_text):
+    if not cpus_text or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = {int(c) for c in cpus_text.split(",") if c.strip()}
+    os.sched_setaffinity(0, cpus)
+    return sorted(cpus)
+
+
+def _power_setup(args):
+    """(power_sampler module error, idle reading, sampler): idle power is read before the model loads."""
+    if args.power == "none":
+        return None, None, None
+    options, rate = json.loads(args.power_options), args.power_rate or None
+    power_mod, power_error = _power_module()
+    if power_mod is None:
+        return power_error, None, None
+    idle = power_mod.measure_idle(args.power, args.idle_seconds, rate_hz=rate, options=options)
+    return power_error, idle, power_mod.Sampler(args.power, rate_hz=rate, options=options)
+
+
+def _load(interpreter_class, args):
+    delegates = [_load_delegate(interpreter_class, args.delegate)] if args.delegate else None
+    if delegates:
+        interp = interpreter_class(model_path=args.model, num_threads=args.threads, experimental_delegates=delegates)
+    else:
+        interp = interpreter_class(model_path=args.model, num_threads=args.threads)
+    interp.allocate_tensors()
+    return interp
+
+
+def _latency(ms):
+    mean = sum(ms) / len(ms)
+    std = (sum((t - mean) ** 2 for t in ms) / len(ms)) ** 0.5
+    return {
+        "p50": round(_percentile(ms, 0.50), 4),
+        "p90": round(_percentile(ms, 0.90), 4),
+        "p99": round(_percentile(ms, 0.99), 4),
+        "mean": round(mean, 4),
+        "std": round(std, 4),
+        "min": round(ms[0], 4),
+        "max": round(ms[-1], 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if bool(args.model) == bool(args.many):
         p.error("give exactly one of --model or --many")
@@ -207,44 +256,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.many:
         return _many(np, args)
-
-    pinned = None
-    if args.cpus and hasattr(os, "sched_setaffinity"):
-        cpus = {int(c) for c in args.cpus.split(",") if c.strip()}
-        os.sched_setaffinity(0, cpus)
-        pinned = sorted(cpus)
+    pinned = _pin(args.cpus)
     interpreter_class, runtime, runtime_version = _interpreter_class()
-    power_mod, power_error, idle, sampler = None, None, None, None
-    power_options = json.loads(args.power_options)
-    rate = args.power_rate or None
-    if args.power != "none":
-        power_mod, power_error = _power_module()
-        if power_mod is not None:  # idle first, before the model is loaded
-            idle = power_mod.measure_idle(args.power, args.idle_seconds, rate_hz=rate, options=power_options)
-            sampler = power_mod.Sampler(args.power, rate_hz=rate, options=power_options)
+    power_error, idle, sampler = _power_setup(args)
     rss_start = _rss_kib()  # after numpy and the runtime are imported: what follows is the model's
     t0 = time.perf_counter()
-    delegates = [_load_delegate(interpreter_class, args.delegate)] if args.delegate else None
-    if delegates:
-        interp = interpreter_class(model_path=args.model, num_threads=args.threads, experimental_delegates=delegates)
-    else:
-        interp = interpreter_class(model_path=args.model, num_threads=args.threads)
-    interp.allocate_tensors()
+    interp = _load(interpreter_class, args)
     load_ms = (time.perf_counter() - t0) * 1000
     inp = interp.get_input_details()[0]
     interp.set_tensor(inp["index"], _random_input(np, inp))
-    ms = _time(
-        interp,
-        warmup=args.warmup,
-        runs=args.runs,
-        min_seconds=args.min_seconds,
-        max_seconds=args.max_seconds,
-        during=sampler,
-    )
-    out = interp.get_output_details()[0]
-    interp.get_tensor(out["index"])
-    mean = sum(ms) / len(ms)
-    std = (sum((t - mean) ** 2 for t in ms) / len(ms)) ** 0.5
+    ms = _time(interp, warmup=args.warmup, runs=args.runs, min_seconds=args.min_seconds,
+               max_seconds=args.max_seconds, during=sampler)  # fmt: skip
+    interp.get_tensor(interp.get_output_details()[0]["index"])
     result = {
         "runtime": runtime,
         "runtime_version": runtime_version,
@@ -254,15 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "runs": len(ms),
         "load_ms": round(load_ms, 3),
-        "latency_ms": {
-            "p50": round(_percentile(ms, 0.50), 4),
-            "p90": round(_percentile(ms, 0.90), 4),
-            "p99": round(_percentile(ms, 0.99), 4),
-            "mean": round(mean, 4),
-            "std": round(std, 4),
-            "min": round(ms[0], 4),
-            "max": round(ms[-1], 4),
-        },
+        "latency_ms": _latency(ms),
         "rss_start_kib": rss_start,
         "peak_rss_kib": _peak_rss_kib(),
         "model_rss_kib": max(0, _peak_rss_kib() - rss_start),

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import write_text_atomic
+from pipeline.artifacts import write_json_atomic, write_text_atomic
 from pipeline.errors import PipelineError
 from pipeline.report.html import render_comparison, render_html
+from pipeline.report.markdown import render_markdown
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +44,12 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def render_markdown(summary: Mapping[str, Any]) -> str:
-    """The bundle's Markdown report; a summary missing a field the Markdown needs gets a short stand-in."""
-    from pipeline.stages.bundle import render_report
-
-    try:
-        return render_report(summary)
-    except (KeyError, TypeError, ValueError) as exc:
-        log.warning("Markdown report incomplete (%s missing or malformed); wrote a short one", exc)
-        return (
-            f"# edgeship deploy report: `{summary.get('model', '?')}` for `{summary.get('target', '?')}`\n\n"
-            f"The run's summary lacks {exc}; the HTML report beside this file shows what was measured.\n"
-        )
-
-
-def write_report(source: Path | Mapping[str, Any], out_dir: Path) -> ReportFiles:
-    """`out_dir/report.html` and `out_dir/report.md` from a summary dict or a run folder's summary.json."""
+def write_report(source: Path | Mapping[str, Any], out_dir: Path, *, save_summary: bool = False) -> ReportFiles:
+    """`out_dir/report.html` and `out_dir/report.md` from a summary dict or a run folder's summary.json;
+    with `save_summary`, the summary itself as `out_dir/summary.json` first (what `make report` reads)."""
     summary = load_summary(source) if isinstance(source, Path) else source
+    if save_summary:
+        write_json_atomic(out_dir / SUMMARY, summary)
     files = ReportFiles(out_dir / "report.html", out_dir / "report.md")
     write_text_atomic(files.html, render_html(summary))
     write_text_atomic(files.markdown, render_markdown(summary))
@@ -77,13 +67,35 @@ def _run_dir(target: str, runs_dir: Path) -> Path:
         return runs_dir / target
 
 
-def rebuild_report(target: str, *, runs_dir: Path = Path("runs"), out_dir: Path | None = None) -> ReportFiles:
+def rebuild_report(
+    target: str,
+    *,
+    runs_dir: Path = Path("runs"),
+    out_dir: Path | None = None,
+    artifacts_dir: Path = Path("artifacts"),
+) -> ReportFiles:
     """Render the report of a finished run again from what it recorded; no stage runs.
 
+    Device figures recorded since (`edgeship profile`, in runs/<target>/profile-devices.json) for the files of
+    the current bundle (`artifacts_dir/<target>/`, matched by sha256) are shown beside the deploy's own.
     Writes into the run folder (`runs/<target>/`) unless `out_dir` is given; the published bundle is left
     alone, since its manifest lists the sha256 of its report."""
     run_dir = _run_dir(target, runs_dir)
-    return write_report(load_summary(run_dir), out_dir or run_dir)
+    summary = with_device_figures(load_summary(run_dir), run_dir, artifacts_dir / run_dir.name)
+    return write_report(summary, out_dir or run_dir)
+
+
+def with_device_figures(summary: Mapping[str, Any], run_dir: Path, bundle_dir: Path) -> dict[str, Any]:
+    """The summary with every device's recorded figures for the bundle's model files added under "devices"."""
+    from pipeline.devices.record import FILE_NAME, current_figures
+    from pipeline.report.summary import device_rows
+
+    files = {"model.tflite": bundle_dir / "model.tflite"}
+    files |= {f"variants/{p.name}": p for p in sorted((bundle_dir / "variants").glob("*.tflite"))}
+    recorded = current_figures(run_dir / FILE_NAME, files) if bundle_dir.is_dir() else {}
+    if not recorded:
+        return dict(summary)
+    return {**summary, "devices": {**(summary.get("devices") or {}), **device_rows(recorded)}}
 
 
 def write_comparison(

@@ -1,6 +1,6 @@
 """The report's plots, drawn with matplotlib (Figure on the Agg canvas, no pyplot), returned as PNG bytes.
 
-Each function takes the deploy summary (`pipeline.stages.bundle.summarize`) and reads only what it plots;
+Each function takes the deploy summary (`pipeline.report.summary.summarize`) and reads only what it plots;
 a missing figure gives None so the page can say "not measured" instead of failing.
 """
 
@@ -80,21 +80,47 @@ def accuracy_drop_floor(s: Mapping[str, Any]) -> float | None:
     return None if base is None or drop is None else base - drop
 
 
+def place_labels(ax: Any, points: Sequence[tuple[float, float, str]], *, fontsize: float = 8) -> list[tuple]:
+    """Label each point without labels overlapping one another: points that fall on the same spot share one
+    label ("a / b"), and each label takes the first offset around its point whose box is free. Returns the
+    label boxes in display pixels (x0, y0, x1, y1), for the tests."""
+    fig = ax.figure
+    fig.canvas.draw()  # the limits are final: data -> pixels
+    to_px = ax.transData.transform
+    groups: list[list[Any]] = []
+    for x, y, text in sorted(points, key=lambda p: (p[1], p[0]), reverse=True):
+        px = to_px((x, y))
+        for g in groups:
+            if abs(g[0][0] - px[0]) < 6 and abs(g[0][1] - px[1]) < 6:
+                g[2].append(text)
+                break
+        else:
+            groups.append([px, (x, y), [text]])
+    scale = fig.dpi / 72.0
+    char_w, line_h = 0.6 * fontsize * scale, 1.3 * fontsize * scale
+    boxes: list[tuple[float, float, float, float]] = []
+    for px, xy, texts in groups:
+        text = " / ".join(texts)
+        w = char_w * len(text)
+        for dx, dy in ((7, 4), (7, -14), (7, 16), (7, -26), (-7 - w / scale, 4), (-7 - w / scale, -14), (7, 28)):
+            x0, y0 = px[0] + dx * scale, px[1] + dy * scale
+            box = (x0, y0, x0 + w, y0 + line_h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                break
+        boxes.append(box)
+        ax.annotate(text, xy, textcoords="offset points", xytext=((box[0] - px[0]) / scale, (box[1] - px[1]) / scale),
+                    fontsize=fontsize)  # fmt: skip
+    return boxes
+
+
 def accuracy_vs_latency(s: Mapping[str, Any]) -> bytes | None:
     pts = [p for p in variant_points(s) if p["accuracy"] is not None and p["p50"] is not None]
     if not pts:
         return None
     fig, ax = _axes(6.4, 4.0)
-    for i, p in enumerate(sorted(pts, key=lambda q: (q["p50"], q["accuracy"]))):
+    for p in pts:
         marker = "*" if p["shipped"] else ("s" if p["name"].startswith("baseline") else "o")
         ax.scatter(p["p50"], 100 * p["accuracy"], s=180 if p["shipped"] else 60, marker=marker, zorder=3)
-        ax.annotate(
-            p["name"] + (" (shipped)" if p["shipped"] else ""),
-            (p["p50"], 100 * p["accuracy"]),
-            textcoords="offset points",
-            xytext=(7, 12 - 11 * (i % 3)),  # staggered: close points keep readable labels
-            fontsize=8,
-        )
     budget = latency_budget(s)
     if budget is not None:
         ax.axvline(budget, color="#c62828", linestyle="--", label=f"latency budget {budget:g} ms")
@@ -112,6 +138,9 @@ def accuracy_vs_latency(s: Mapping[str, Any]) -> bytes | None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy vs latency, every variant")
     ax.grid(alpha=0.3)
+    ax.margins(y=0.25)  # markers and labels stay inside the axes
+    labels = [(p["p50"], 100 * p["accuracy"], p["name"] + (" (shipped)" if p["shipped"] else "")) for p in pts]
+    place_labels(ax, labels)
     if budget is not None or floor is not None:
         ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
@@ -315,10 +344,11 @@ def comparison(summaries: Sequence[Mapping[str, Any]]) -> bytes | None:
         return None
     fig, ax = _axes(6.4, 4.0)
     biggest = max(p[3] for p in pts) or 1.0
-    for name, p50, acc, size in pts:
+    for _name, p50, acc, size in pts:
         ax.scatter(p50, 100 * acc, s=40 + 400 * size / biggest, alpha=0.7, zorder=3)
-        ax.annotate(name, (p50, 100 * acc), textcoords="offset points", xytext=(6, 5), fontsize=8)
     ax.set_xlim(0, max(p[1] for p in pts) * 1.3)
+    ax.margins(y=0.25)
+    place_labels(ax, [(p50, 100 * acc, name) for name, p50, acc, _ in pts])
     ax.set_xlabel("latency p50 (ms, where measured)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Shipped model per target (marker area: file size)")

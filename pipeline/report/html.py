@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-NOT_MEASURED = "not measured"
+from pipeline.report.format import NOT_MEASURED, count, ms, num, pct
+
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:980px;margin:2em auto;
 padding:0 1em;color:#212121}
@@ -26,25 +27,6 @@ img{max-width:100%;height:auto;display:block;margin:.5em 0}.muted{color:#757575}
 
 def esc(x: Any) -> str:
     return html.escape("" if x is None else str(x), quote=True)
-
-
-def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
-
-
-def pct(x: Any) -> str:
-    v = _num(x)
-    return NOT_MEASURED if v is None else f"{100 * v:.2f}%"
-
-
-def ms(x: Any) -> str:
-    v = _num(x)
-    return NOT_MEASURED if v is None else f"{v:.4g} ms"
-
-
-def count(x: Any, unit: str = "") -> str:
-    v = _num(x)
-    return NOT_MEASURED if v is None else f"{int(v):,}{unit}"
 
 
 def img(png: bytes | None, alt: str, *, missing: str = NOT_MEASURED) -> str:
@@ -108,7 +90,7 @@ def _before_after(s: Mapping[str, Any]) -> str:
         (f"{ship} model RSS", count(bt.get("model_rss_kib"), " KiB"), count(st.get("model_rss_kib"), " KiB")),
     ]
     out = ["<h2>Before / after</h2>", table(["", "unpruned", "pruned + fine-tuned"], rows, numeric=(1, 2))]
-    if pr.get("enabled") and _num(pr.get("keep_target")) is not None:
+    if pr.get("enabled") and num(pr.get("keep_target")) is not None:
         out.append(
             f"<p>Pruning target: keep {100 * pr['keep_target']:.0f}% of {esc(pr.get('metric'))}; achieved "
             f"{pct(pr.get('keep_achieved'))}. Accuracy right after pruning "
@@ -201,7 +183,7 @@ def _energy(s: Mapping[str, Any]) -> str:
     if rows:
         trows = []
         for r in rows:
-            above = _num(r.get("energy_per_inference_above_idle_mj"))
+            above = num(r.get("energy_per_inference_above_idle_mj"))
             trows.append((
                 r["name"],
                 f"{r['energy_per_inference_mj']:.4g} mJ",
@@ -264,7 +246,7 @@ def _latency_model(s: Mapping[str, Any]) -> str:
     if not lm:
         return ""
     row = (ms(lm.get("budget_ms")), ms(lm.get("predicted_ms")), ms(lm.get("measured_ms")),
-           f"{lm['error_pct']:+.1f}%" if _num(lm.get("error_pct")) is not None else NOT_MEASURED)  # fmt: skip
+           f"{lm['error_pct']:+.1f}%" if num(lm.get("error_pct")) is not None else NOT_MEASURED)  # fmt: skip
     return "<h2>Latency-aware pruning</h2>" + table(
         ["budget", "predicted", "measured", "prediction error"], [row], numeric=(0, 1, 2, 3)
     )

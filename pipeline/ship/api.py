@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "edgeship-bundle/1"
 SHIP_FORMAT = "edgeship-ship/1"
-SHIPPED = ("model.tflite", "labels.txt", "metadata.json", "manifest.json")
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,7 @@ class ShipResult:
     replaced_version: str | None  # the version that was there before, if any
     files: dict[str, str]  # name -> sha256 of what is now in the app
     embedded: bool  # TFLITE_METADATA + edgeship_metadata + packed labels are inside model.tflite
+    note: str | None = None  # something the user should know (e.g. the bundle was made for a board, not a phone)
 
 
 def _sha256(data: bytes) -> str:
@@ -72,7 +72,7 @@ def _existing_version(dest: Path) -> str | None:
         return str(json.loads(meta.read_text(encoding="utf-8"))["version"])
     except (OSError, ValueError, KeyError, TypeError):
         raise ShipError(
-            f"{meta} has no readable version; cannot tell whether this bundle is newer (pass force to replace it)"
+            f"{meta} has no readable version; cannot tell whether this bundle is newer (pass FORCE=1 to make ship, or --force, to replace it)"
         ) from None
 
 
@@ -104,13 +104,8 @@ def ship(
     check_not_older(version, existing, where=dest, force=force)
 
     io = io_details(src["model.tflite"])
-    meta = app_metadata(
-        json.loads(src["metadata.json"]),
-        manifest.get("summary", {}),
-        io,
-        version=version,
-        bundle_sha256=manifest["files"]["model.tflite"]["sha256"],
-    )
+    meta = app_metadata(json.loads(src["metadata.json"]), io, version=version,
+                        bundle_sha256=manifest["files"]["model.tflite"]["sha256"])  # fmt: skip
     model = src["model.tflite"]
     if embed:
         model = embed_metadata(model, meta, labels=src["labels.txt"])
@@ -161,8 +156,17 @@ def ship_target(
     """`ship` the published bundle of `target` (a name, an alias such as rpi, or a profile path)."""
     from pipeline.targets import load_target
 
-    bundle_dir = artifacts_dir / load_target(target).name
+    profile = load_target(target)
+    bundle_dir = artifacts_dir / profile.name
     if not (bundle_dir / "manifest.json").is_file():
         raise ShipError(f"{bundle_dir}: no published bundle; run `make deploy TARGET={target}` first")
     name = model_name or default_model_name(bundle_dir)
-    return ship(bundle_dir, app_dir, model_name=name, force=force, resources=resources, version=version)
+    result = ship(bundle_dir, app_dir, model_name=name, force=force, resources=resources, version=version)
+    if profile.transport.kind != "adb":  # the phone profiles reach their device over adb; boards over ssh
+        note = (
+            f"this bundle was made for {profile.name} ({profile.description or profile.hardware.cpu}), not for a "
+            f"phone: its pruning, precision and latency figures fit that device. For a phone app, deploy "
+            f"TARGET=android and ship that bundle."
+        )
+        result = replace(result, note=note)
+    return result

@@ -88,12 +88,12 @@ def detect_app(app_dir: Path, *, resources: Path | None = None) -> AppLayout:
         if resources is None:
             if len(projects) > 1:
                 names = ", ".join(p.name for p in projects)
-                raise ShipError(f"{app_dir} has several Xcode projects ({names}); name the resources folder")
+                raise ShipError(f"{app_dir} has several Xcode projects ({names}); name the resources folder with RESOURCES=path/inside/the/app (--resources)")
             app_folder = root / projects[0].stem
             if not app_folder.is_dir():
                 raise ShipError(
                     f"{app_dir}: Xcode project {projects[0].name} but no folder {projects[0].stem}/ beside it; "
-                    "name the resources folder to ship into (e.g. MyApp/Resources)"
+                    "name the resources folder to ship into with RESOURCES=MyApp/Resources (--resources)"
                 )
             resources = app_folder.relative_to(root) / "Resources"
         marker = projects[0].name

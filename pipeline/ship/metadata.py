@@ -7,13 +7,14 @@ quantization, as the interpreter reports them) and the bundle manifest's figures
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import ShipError
 
-FORMAT = "edgeship-app-metadata/1"
+FORMAT = "edgeship-metadata/2"
+SCHEMA_VERSION = 2
 FORMULA = (
     "x = (pixel / 255 - mean[c]) / std[c] per channel c (NHWC); an integer input takes q = round(x / scale) + "
     "zero_point, clipped to the dtype; an integer output is dequantized as (q - zero_point) * scale; the class is "
@@ -22,7 +23,7 @@ FORMULA = (
 
 
 def _bundle_quant(q: Any) -> dict[str, float | int] | None:
-    """The bundle writes (scale, zero_point) as a list, None or a zero scale for float tensors."""
+    """{"scale", "zero_point"} from a mapping or a (scale, zero_point) pair; None for float tensors."""
     if q is None:
         return None
     if isinstance(q, Mapping):
@@ -54,39 +55,33 @@ def _check_agrees(bundle_meta: Mapping[str, Any], io: Mapping[str, Any]) -> None
             )
 
 
-def app_metadata(
-    bundle_meta: Mapping[str, Any],
+def bundle_metadata(
     summary: Mapping[str, Any],
     io: Mapping[str, Any],
     *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    class_names: Sequence[str],
     version: str,
-    bundle_sha256: str,
 ) -> dict[str, Any]:
-    """The app-side metadata (without `sha256`, which names the final model file and is added by the caller)."""
-    _check_agrees(bundle_meta, io)
-    classes = list(bundle_meta["class_names"])
-    if io["output"]["shape"][-1] != len(classes):
-        raise ShipError(
-            f"the model has {io['output']['shape'][-1]} outputs but the bundle names {len(classes)} classes"
-        )
-    channels = io["input"]["shape"][-1]
-    mean, std = [float(v) for v in bundle_meta["mean"]], [float(v) for v in bundle_meta["std"]]
-    if len(mean) not in (1, channels) or len(std) != len(mean):
-        raise ShipError(f"normalization has {len(mean)} means and {len(std)} stds for {channels} channels")
-    precision = bundle_meta.get("precision") or summary.get("shipped_precision")
+    """The bundle's `metadata.json`: the one schema (FORMAT) an app reads, in the bundle and in the app.
+
+    `io` has the shipped model's "input" and "output" as {"shape", "dtype", "quantization"}; quantization is
+    {"scale", "zero_point"} for integer tensors, None for float ones."""
+    precision = summary["shipped_precision"]
     variant = summary.get("variants", {}).get(precision, {})
     return {
         "format": FORMAT,
-        "model": bundle_meta.get("model") or summary.get("model"),
-        "target": bundle_meta.get("target") or summary.get("target"),
+        "schema_version": SCHEMA_VERSION,
+        "model": summary["model"],
+        "target": summary["target"],
         "precision": precision,
         "version": version,
-        "bundle_sha256": bundle_sha256,
-        "layout": bundle_meta.get("layout", "NHWC"),
-        "input": dict(io["input"]),
-        "output": dict(io["output"]),
-        "normalization": {"mean": mean, "std": std, "pixel_scale": 1 / 255, "formula": FORMULA},
-        "class_names": classes,
+        "layout": "NHWC",
+        "input": _tensor(io["input"]),
+        "output": _tensor(io["output"]),
+        "normalization": _normalization(mean, std),
+        "class_names": list(class_names),
         "labels_file": "labels.txt",
         "accuracy": {
             "value": variant.get("accuracy"),
@@ -95,3 +90,38 @@ def app_metadata(
         },
         "edgeship_version": __version__,
     }
+
+
+def _normalization(mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    return {"mean": mean, "std": std, "pixel_scale": 1 / 255, "formula": FORMULA}
+
+
+def _tensor(t: Mapping[str, Any]) -> dict[str, Any]:
+    return {"shape": list(t["shape"]), "dtype": t["dtype"], "quantization": _bundle_quant(t.get("quantization"))}
+
+
+def app_metadata(
+    bundle_meta: Mapping[str, Any], io: Mapping[str, Any], *, version: str, bundle_sha256: str
+) -> dict[str, Any]:
+    """The app's copy of the bundle's metadata (same schema, its own `version` and the bundle model's sha256;
+    `sha256` of the final model file is added by the caller). Refuses a bundle that disagrees with its model."""
+    if bundle_meta.get("format") != FORMAT:
+        raise ShipError(
+            f"the bundle's metadata.json has format {bundle_meta.get('format')!r}, not {FORMAT}: it was made by an "
+            "older edgeship; deploy again to rebuild the bundle"
+        )
+    _check_agrees(bundle_meta, io)
+    classes = list(bundle_meta["class_names"])
+    if io["output"]["shape"][-1] != len(classes):
+        raise ShipError(
+            f"the model has {io['output']['shape'][-1]} outputs but the bundle names {len(classes)} classes"
+        )
+    channels = io["input"]["shape"][-1]
+    norm = bundle_meta["normalization"]
+    if len(norm["mean"]) not in (1, channels) or len(norm["std"]) != len(norm["mean"]):
+        raise ShipError(
+            f"normalization has {len(norm['mean'])} means and {len(norm['std'])} stds for {channels} channels"
+        )
+    return {**bundle_meta, "version": version, "bundle_sha256": bundle_sha256,
+            "input": dict(io["input"]), "output": dict(io["output"])}  # fmt: skip

@@ -60,10 +60,10 @@ def check_not_older(new: str, existing: str | None, *, where: Path, force: bool)
     if a.kind != b.kind:
         raise ShipError(
             f"{where} holds version {existing} ({b.kind}) and this bundle is {new} ({a.kind}): the two cannot be "
-            "ordered; pass force to replace it anyway"
+            "ordered; pass FORCE=1 (make ship) or --force to replace it anyway"
         )
     if a.key < b.key:
         raise ShipError(
             f"{where} holds version {existing}, newer than this bundle's {new}; refusing to downgrade the app's "
-            "model (pass force to replace it anyway)"
+            "model (pass FORCE=1 to make ship, or --force, to replace it anyway)"
         )

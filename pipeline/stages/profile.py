@@ -1,70 +1,75 @@
-"""Profile .tflite files where they run: size, latency (warm-up, runs, percentiles), memory.
-
-The benchmark itself is `pipeline/remote/bench_runner.py`, run as a separate process so that its peak
-memory is the model's and not the pipeline's. Here it runs on this machine; device transports reuse it.
-"""
+"""Stage `profile`: every TFLite file timed where it will run: on the devices named by DEVICE or by the
+profile's transport (over ssh or adb), else on this machine as a stand-in (the report says which)."""
 
 from __future__ import annotations
 
-import json
-import logging
 import platform
-import subprocess
-import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DeviceError
-
-log = logging.getLogger(__name__)
-
-RUNNER = Path(__file__).resolve().parent.parent / "remote" / "bench_runner.py"
+from pipeline.artifacts import write_json_atomic
+from pipeline.bench import RUNNER, bench_settings, host_cores, profile_local
+from pipeline.stages.base import Context, Stage
+from pipeline.stages.verify import tflite_files
 
 
 @dataclass(frozen=True)
-class BenchSettings:
-    threads: int
-    warmup: int
-    runs: int
-    max_seconds: float = 60.0
-    min_seconds: float = 0.0
-    extra_args: tuple[str, ...] = ()  # further runner options (--power KIND --power-options JSON, --delegate)
+class ProfileResult:
+    folder: Path
+    files: Mapping[str, Mapping[str, Any]]  # file label (fp32, fp16, int8, baseline) -> the runner's figures
+    devices: Mapping[str, Any] | None  # every device's run (DeviceRun.to_json) when profiled on devices
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": dict(self.files), "devices": None if self.devices is None else dict(self.devices)}
+
+    @classmethod
+    def from_json(cls, folder: Path, figures: Mapping[str, Any]) -> ProfileResult:
+        return cls(folder, figures["files"], figures.get("devices"))
 
 
-def runner_argv(python: str, runner: str, model: str, s: BenchSettings) -> list[str]:
-    return [
-        python, runner, "--model", model, "--threads", str(s.threads), "--warmup", str(s.warmup),
-        "--runs", str(s.runs), "--max-seconds", str(s.max_seconds), "--min-seconds", str(s.min_seconds),
-        *s.extra_args,
-    ]  # fmt: skip
+def device_specs(req: Any) -> tuple[Any, ...]:
+    """The devices to profile on: DEVICE when given, else the profile's own when it names one (ssh host, adb
+    serial); none means this machine stands in (and the report says so)."""
+    from pipeline.devices import from_profile, parse_devices
+
+    tr = req.target.transport
+    if req.devices:
+        return parse_devices(req.devices, tr)
+    if (tr.kind == "ssh" and tr.host) or (tr.kind == "adb" and tr.serial):
+        return (from_profile(tr, target=req.target.name),)
+    return ()
 
 
-def parse_runner_output(stdout: str, *, where: str, key: str = "latency_ms") -> dict[str, Any]:
-    """The runner's JSON line (the last line that parses and has `key`), or a DeviceError quoting the output."""
-    for line in reversed(stdout.strip().splitlines()):
-        try:
-            result = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(result, dict) and key in result:
-            return result
-    raise DeviceError(f"the benchmark on {where} printed no result; its output ended with: {stdout[-500:]!r}")
+class ProfileStage(Stage[ProfileResult]):
+    name = "profile"
+    result = ProfileResult
+    version = 2  # figures: {"files": {...}, "devices": ...}
+
+    def inputs(self, ctx: Context) -> Mapping[str, Path]:
+        return {**tflite_files(ctx), "runner": RUNNER}
+
+    def config(self, ctx: Context) -> Mapping[str, Any]:
+        t, specs = ctx.target, device_specs(ctx.req)
+        where = {"devices": [s.name for s in specs]} if specs else {"host": platform.node(), "cores": host_cores()}
+        return {**t.profiling.model_dump(mode="json"), **where, "power": t.power.model_dump(mode="json")}
+
+    def run(self, ctx: Context, out: Path) -> ProfileResult:
+        files, specs = tflite_files(ctx), device_specs(ctx.req)
+        if not specs:
+            settings = bench_settings(ctx.target, on_host=True)
+            result = ProfileResult(out, {name: profile_local(path, settings) for name, path in files.items()}, None)
+        else:
+            from pipeline.devices.record import FILE_NAME, profile_and_record
+
+            runs = profile_and_record(files, bench_settings(ctx.target, on_host=False), specs,
+                                      record=ctx.run_dir / FILE_NAME, ssh_options=ctx.req.ssh_options)  # fmt: skip
+            primary = runs[specs[0].name]
+            devices = {name: run.to_json() for name, run in runs.items()}
+            result = ProfileResult(out, {name: primary.results[name] for name in files}, devices)
+        write_json_atomic(out / "profile.json", result.to_json())
+        return result
 
 
-def profile_local(model: Path, settings: BenchSettings, *, timeout_s: float = 600.0) -> dict[str, Any]:
-    """Benchmark `model` on this machine in a fresh Python process."""
-    argv = runner_argv(sys.executable, str(RUNNER), str(model), settings)
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        raise DeviceError(
-            f"benchmark of {model.name} on this machine took over {timeout_s:.0f} s; lower profiling.runs"
-        ) from None
-    if proc.returncode != 0:
-        raise DeviceError(f"benchmark of {model.name} failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
-    result = parse_runner_output(proc.stdout, where="this machine")
-    result["size_bytes"] = model.stat().st_size
-    result["device"] = {"transport": "local", "name": platform.node(), "machine": platform.machine()}
-    result["measured"] = "measured on this machine"
-    return result
+PROFILE = ProfileStage()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -13,7 +12,7 @@ from torch import nn
 from pipeline.latency.allocate import allocate
 from pipeline.latency.layers import prunable_layers
 from pipeline.latency.table import LatencyTable
-from pipeline.stages.prune import (
+from pipeline.pruning.channels import (
     PruneResult,
     count_macs_params,
     group_importance,
@@ -22,6 +21,9 @@ from pipeline.stages.prune import (
     prunable_groups,
     prune_to_plan,
 )
+
+if TYPE_CHECKING:
+    from pipeline.targets import Pruning
 
 
 @dataclass(frozen=True)
@@ -34,15 +36,14 @@ def prune_to_latency(
     model: nn.Module,
     example: torch.Tensor,
     table: LatencyTable,
+    cfg: Pruning,
     *,
     budget_ms: float,
     measured_full_ms: float,
-    channel_multiple: int,
-    importance: str = "l2",
-    keep_layers: Sequence[str] = (),
-    max_ratio: float = 0.8,
 ) -> LatencyPrune:
     """Allocate channels against the table (scaled to the measured unpruned model), prune."""
+    importance, keep_layers = cfg.importance, cfg.keep_layers
+    channel_multiple, max_ratio = cfg.channel_multiple, cfg.max_layer_ratio
     model = model.eval()
     groups = prunable_groups(model, example, keep_layers=keep_layers)
     layers = prunable_layers(model, example, ignored=ignored_layers(model, example, keep_layers))

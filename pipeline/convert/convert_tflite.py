@@ -43,16 +43,12 @@ CNNs (fp32 output is numerically the same as without -cind).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,10 +56,11 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline.convert.export_onnx import OnnxExport
 from pipeline.data.imageset import ImageSet
 from pipeline.errors import ConversionError, DatasetError, UsageError, VerificationError
 from pipeline.models.spec import ModelSpec
-from pipeline.stages.export_onnx import OnnxExport
+from pipeline.proc import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -133,42 +130,13 @@ def _tail(text: str, n: int = TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
-# Linux: the converter gets SIGKILL when edgeship dies (kill -9, OOM killer), instead of converting on in a
-# folder nobody will read. prctl(PR_SET_PDEATHSIG) survives the exec; the getppid check closes the race
-# with a parent that died before the prctl.
-_DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
-    "if os.getppid() != int(sys.argv[1]):\n    os._exit(1)\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-def _dies_with_us(argv: list[str]) -> list[str]:
-    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv] if sys.platform == "linux" else argv
-
-
 def _run(argv: list[str], workdir: Path, logfile: Path, *, timeout_s: float) -> tuple[int | None, float]:
     """Run argv in workdir with stdout+stderr into logfile; return (exit code or None on timeout, seconds)."""
-    start = time.perf_counter()
-    with open(logfile, "wb") as fh:
-        try:
-            proc = subprocess.Popen(
-                _dies_with_us(argv), cwd=workdir, stdout=fh, stderr=subprocess.STDOUT, env=_env(),
-                start_new_session=True,
-            )  # fmt: skip
-        except OSError as exc:
-            raise ConversionError(f"cannot start onnx2tf ({exc}); argv: {' '.join(argv)}") from exc
-        try:
-            rc: int | None = proc.wait(timeout=timeout_s)
-        except BaseException as exc:  # timeout or Ctrl-C: end onnx2tf and the onnxsim it may have started
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # its own session: onnx2tf and its children only
-            proc.wait()
-            if not isinstance(exc, subprocess.TimeoutExpired):
-                raise
-            rc = None
-    return rc, time.perf_counter() - start
+    try:
+        done = run_tool(argv, timeout_s=timeout_s, cwd=workdir, env=_env(), log_file=logfile)
+    except OSError as exc:
+        raise ConversionError(f"cannot start onnx2tf ({exc}); argv: {' '.join(argv)}") from exc
+    return done.rc, done.seconds
 
 
 def _read_log(logfile: Path) -> str:
@@ -293,7 +261,7 @@ def convert_tflite(
             _check_io(staged[precision], spec, int8_io=int8_io)
         result: dict[str, TfliteFile] = {}
         for precision, rec in staged.items():
-            final = out_dir / f"model_{precision}.tflite"
+            final = out_dir / tflite_name(precision)
             os.replace(rec.path, final)
             result[precision] = replace(rec, path=final)
             log.info("%s: %s -> %s (%d bytes)", spec.name, precision, final, rec.size_bytes)
@@ -313,3 +281,8 @@ def _check_io(rec: TfliteFile, spec: ModelSpec, *, int8_io: str) -> None:
         )
     if want in ("int8", "uint8") and (rec.input_quantization is None or rec.output_quantization is None):
         raise ConversionError(f"{rec.path.name}: {want} I/O without scale/zero point")
+
+
+def tflite_name(precision: str) -> str:
+    """The file name of a converted model of `precision` (in a convert stage's folder and the bundle)."""
+    return f"model_{precision}.tflite"

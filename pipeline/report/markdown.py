@@ -1,0 +1,176 @@
+"""The Markdown report (`report.md`), rendered from a deploy's summary."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline.report.format import pct, ratio
+
+log = logging.getLogger(__name__)
+
+
+def render_markdown(summary: Mapping[str, Any]) -> str:
+    """The deploy's Markdown report; a summary missing a field the Markdown needs gets a short stand-in."""
+    try:
+        return _render(summary)
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("Markdown report incomplete (%s missing or malformed); wrote a short one", exc)
+        return (
+            f"# edgeship deploy report: `{summary.get('model', '?')}` for `{summary.get('target', '?')}`\n\n"
+            f"The run's summary lacks {exc}; the HTML report beside this file shows what was measured.\n"
+        )
+
+
+def _render(s: Mapping[str, Any]) -> str:
+    base, pr, ship = s["baseline"], s["pruned"], s["shipped_precision"]
+    bt, st = base["tflite"], s["variants"][ship]
+    lines = [
+        f"# edgeship deploy report: `{s['model']}` for `{s['target']}`",
+        "",
+        f"{s['target_description']}  ",
+        f"Test set: {s['data']['test']} ({s['test_images']} images). Calibration: {s['data']['calibration']}.  ",
+        f"Shipped: `model.tflite` = {ship}. Profile sha256 `{s['profile_sha256'][:12]}`.",
+        "",
+        "## Before / after",
+        "",
+        "| | unpruned | pruned + fine-tuned | after / before |",
+        "|---|---|---|---|",
+        f"| parameters | {base['params']:,} | {pr['params']:,} | {ratio(pr['params'], base['params'])} |",
+        f"| MACs | {base['macs']:,} | {pr['macs']:,} | {ratio(pr['macs'], base['macs'])} |",
+        f"| PyTorch accuracy | {pct(base['accuracy_torch'])} | {pct(pr['accuracy_torch'])} | |",
+        f"| {ship} .tflite size | {bt['size_bytes']:,} B | {st['size_bytes']:,} B "
+        f"| {ratio(st['size_bytes'], bt['size_bytes'])} |",
+        f"| {ship} .tflite accuracy | {pct(bt['accuracy'])} | {pct(st['accuracy'])} | |",
+        f"| {ship} latency p50 | {bt['latency_ms']['p50']:.3f} ms | {st['latency_ms']['p50']:.3f} ms "
+        f"| {ratio(st['latency_ms']['p50'], bt['latency_ms']['p50'])} |",
+        f"| {ship} peak RSS (model) | {bt['model_rss_kib']:,} KiB | {st['model_rss_kib']:,} KiB | |",
+        "",
+    ]
+    lines += _pruning(pr)
+    lines += _variants(s)
+    lines += _energy(s)
+    lines += _devices(s)
+    lines += _latency_model(s)
+    lines += _edgetpu(s)
+    lines += _tail(s)
+    return "\n".join(lines)
+
+
+def _pruning(pr: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if pr["enabled"]:
+        lines += [
+            f"Pruning target: keep {pr['keep_target']:.0%} of {pr['metric']}; achieved {pr['keep_achieved']:.1%}. "
+            f"Accuracy right after pruning {pct(pr['accuracy_torch_before_finetune'])}, after "
+            f"{pr['finetune_steps']} distillation steps ({pr['finetune_images']:,} images) "
+            f"{pct(pr['accuracy_torch'])}.",
+            "",
+        ]
+    return lines
+
+
+def _variants(s: Mapping[str, Any]) -> list[str]:
+    st = s["variants"][s["shipped_precision"]]
+    lines = [
+        "## Every variant",
+        "",
+        "| precision | size | accuracy | top-1 agreement vs PyTorch | max abs logit diff | p50 ms | p90 ms "
+        "| p99 ms | peak RSS KiB | runtime |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p, v in s["variants"].items():
+        lat = v["latency_ms"]
+        lines.append(
+            f"| {p} | {v['size_bytes']:,} B | {pct(v['accuracy'])} | {pct(v['agreement'])} "
+            f"| {v['max_abs_diff']:.4g} | {lat['p50']:.3f} | {lat['p90']:.3f} | {lat['p99']:.3f} "
+            f"| {v['peak_rss_kib']:,} | {v['runtime']}{' +XNNPACK' if v['xnnpack'] else ''}, {v['threads']} thr |"
+        )
+    return [*lines, "", f"Latency: {st['runs']} timed runs after warm-up, measured on {st['measured_on']}.", ""]
+
+
+def _energy(s: Mapping[str, Any]) -> list[str]:
+    st = s["variants"][s["shipped_precision"]]
+    lines: list[str] = []
+    energies = {p: v["energy"] for p, v in s["variants"].items() if v.get("energy")}
+    if energies:
+        lines += ["## Energy per inference", "", "| precision | energy / inference | above idle | active W "
+                  "| idle W | how |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for p, e in energies.items():
+            tag = " (estimated)" if e["estimated"] else ""
+            lines.append(
+                f"| {p} | {e['energy_per_inference_mj']:.4g} mJ{tag} | {e['energy_per_inference_above_idle_mj']:.4g} mJ"
+                f"{tag} | {e['active_w']:.3g}{tag} | {e['idle_w']:.3g}{tag} | {e['method']} |"
+            )
+        lines += ["", f"Energy per inference = average power x mean latency (latency measured on {st['measured_on']}).",
+                  ""]  # fmt: skip
+    return lines
+
+
+def _devices(s: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if devs := s.get("devices"):
+        lines += ["## Devices", "", "| device | machine | model file | p50 ms | p99 ms | runtime | status |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, d in devs.items():
+            for m, r in d["results"].items():
+                lines.append(
+                    f"| {name} | {d['machine']} | {m} | {r['p50']:.4g} | {r['p99'] or 'n/a'} | {r['runtime']} | ok |"
+                )
+            for m, why in d["failed"].items():
+                lines.append(f"| {name} | {d['machine']} | {m} | | | | failed: {why} |")
+            if d["error"]:
+                lines.append(f"| {name} | {d['machine']} | | | | | error: {d['error']} |")
+        lines.append("")
+    return lines
+
+
+def _latency_model(s: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if lm := s.get("latency_model"):
+        miss = lm["measured_ms"] - lm["budget_ms"]
+        verdict = "meets it" if miss <= 0 else f"misses it by {miss:.4g} ms ({100 * miss / lm['budget_ms']:.1f}%)"
+        lines += [
+            "## Latency-aware pruning",
+            "",
+            "| budget ms | predicted ms | measured ms | prediction error | unpruned measured ms |",
+            "|---|---|---|---|---|",
+            f"| {lm['budget_ms']} | {lm['predicted_ms']:.4g} | {lm['measured_ms']:.4g} | {lm['error_pct']:+.1f}% "
+            f"| {lm['unpruned_measured_ms']:.4g} |",
+            "",
+            f"Channels chosen against the measured per-layer table; the measured latency {verdict}.",
+            "",
+        ]
+    return lines
+
+
+def _edgetpu(s: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if et := s.get("edgetpu"):
+        lines += [
+            "## Edge TPU",
+            "",
+            f"Status: **{et['status']}** ({et['tpu_ops']} ops on the Edge TPU, {et['cpu_ops']} on the CPU), "
+            f"checked from the .tflite itself against the published rules; on-chip memory {et['sram_mb']:g} MiB.",
+            "",
+            et.get("markdown") or "",
+            "",
+        ]
+    return lines
+
+
+def _tail(s: Mapping[str, Any]) -> list[str]:
+    pr = s["pruned"]
+    lines = ["## Budgets", "", "| budget | limit | value | status | note |", "|---|---|---|---|---|"]
+    for b in s["budgets"]:
+        lines.append(f"| {b['name']} | {b['limit']} | {b['value']} | **{b['status']}** | {b['note']} |")
+    if pr["layers"]:
+        lines += ["", "## Channels per layer", "", "| layer | kind | before | after |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['kind']} | {r['before']} | {r['after']} |" for r in pr["layers"]]
+    lines += ["", "## Stages", "", "| stage | seconds | |", "|---|---|---|"]
+    for name, st_ in s["stages"].items():
+        lines.append(f"| {name} | {st_['seconds']:.1f} | {'cached' if st_['skipped'] else 'ran'} |")
+    lines += ["", "Tools: " + ", ".join(f"{k} {v}" for k, v in s["tools"].items()), ""]
+    return lines
+

@@ -1,0 +1,1 @@
+"""Recovery fine-tuning: knowledge distillation from the unpruned model."""
