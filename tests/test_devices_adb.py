@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 from adb_device import AdbDevice
 
+from pipeline.bench import BenchSettings
 from pipeline.devices.adb import RC_MARK, AdbTransport
 from pipeline.devices.profile_device import profile_files, profile_on_device
 from pipeline.errors import DeviceError
-from pipeline.bench import BenchSettings
 
 pytest_plugins = ("devices_fixtures",)
 

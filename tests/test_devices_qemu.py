@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import pytest
 from qemu_rootfs import binfmt_aarch64, cache_dir, chroot_wrap, ensure_rootfs, missing_reason
 
-from pipeline.devices.profile_device import profile_many
 from pipeline.bench import BenchSettings
+from pipeline.devices.profile_device import profile_many
 
 pytest_plugins = ("devices_fixtures",)
 pytestmark = pytest.mark.slow

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.bench import BenchSettings
 from pipeline.devices import DeviceSpec, open_transport, parse_devices, profile_files, profile_on_device
 from pipeline.devices.profile_device import profile_many
 from pipeline.devices.ssh import SshTransport
 from pipeline.errors import DeviceError, UsageError
-from pipeline.bench import BenchSettings
 
 pytest_plugins = ("devices_fixtures",)
 

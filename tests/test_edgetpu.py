@@ -645,8 +645,8 @@ def test_real_leaky_relu_model_falls_back_at_leaky_relu(leaky_files, tmp_path: P
 
 
 def test_fixes_are_chosen_from_the_onnx_graph(tmp_path: Path) -> None:
-    from pipeline.edgetpu.fixes import edgetpu_fixes
     from pipeline.convert.export_onnx import export_onnx
+    from pipeline.edgetpu.fixes import edgetpu_fixes
 
     found = {}
     for name, act in (("relu", nn.ReLU()), ("leaky", nn.LeakyReLU(0.1)), ("hswish", nn.Hardswish())):
@@ -680,10 +680,10 @@ def test_attribution_names_the_pytorch_layer_of_every_weighted_op(relu_files, re
 def test_stage_points_a_fallback_at_its_pytorch_layer_and_the_fix_removes_it(
     leaky_files, calibration, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.edgetpu.fixes import edgetpu_fixes
     from pipeline.convert.convert_tflite import convert_tflite
-    from pipeline.edgetpu.run import run_edgetpu_stage
     from pipeline.convert.export_onnx import export_onnx
+    from pipeline.edgetpu.fixes import edgetpu_fixes
+    from pipeline.edgetpu.run import run_edgetpu_stage
     from pipeline.verification import verify_tflite
 
     (tmp_path / "empty").mkdir()

@@ -19,12 +19,12 @@ import torch
 from tiny_models import SPEC, TinyResidualCNN, has_fashion_mnist, read_fashion_mnist, train_tiny
 from torch import nn
 
-from pipeline.data.imageset import ImageSet
-from pipeline.errors import ConversionError, DatasetError, ExportError, UsageError, VerificationError
 from pipeline.convert.convert_tflite import TfliteFile, convert_tflite, describe_tflite
 from pipeline.convert.export_onnx import OnnxExport, export_onnx
-from pipeline.verification import PrecisionParity, VerifyReport, check_parity, verify_tflite
+from pipeline.data.imageset import ImageSet
+from pipeline.errors import ConversionError, DatasetError, ExportError, UsageError, VerificationError
 from pipeline.tflite import load_interpreter, run_batch, tflite_io_details, uses_xnnpack
+from pipeline.verification import PrecisionParity, VerifyReport, check_parity, verify_tflite
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from devices_fixtures import descendants
 
-from pipeline.artifacts import run_lock, sha256_file, write_json_atomic
+from pipeline.artifacts import fresh_temp_dir, run_lock, sha256_file, write_json_atomic
 from pipeline.errors import LockError, StorageError
 from pipeline.runner import run_stage
 from pipeline.targets import TARGETS_DIR
@@ -37,8 +37,13 @@ REPO = Path(__file__).resolve().parent.parent
 TARGET = "tinyfault"
 STAGES = ["baseline", "export_baseline", "convert_baseline", "prune", "finetune", "export", "convert", "verify",
           "profile"]  # fmt: skip
-# a folder name that runs commands if any part of the pipeline ever hands a path to a shell
-HOSTILE = "dir with spaces; touch pwned1 && $(touch pwned2) `touch pwned3` | touch pwned4 > x & 'q\" *"
+# A folder name that runs commands if any part of the pipeline ever hands a path to a shell as code, unquoted
+# (pwned1-4), in double quotes (pwned2, 3, 5) or in single quotes (pwned6); its quotes balance in each of these,
+# so the shell runs the payloads rather than stopping at a syntax error (test_the_hostile_name_runs_in_a_shell).
+HOSTILE = (
+    "dir with spaces; touch pwned1 && $(touch pwned2) `touch pwned3` | touch pwned4 > x & "
+    "\"; touch pwned5; \" '; touch pwned6; ' *"
+)
 
 
 # ====================================================================== disk full (fast)
@@ -115,6 +120,44 @@ def test_temporaries_of_killed_writers_are_cleaned_up(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob(".report.md.*.tmp"))) == 1
     write_json_atomic(target, {"whole": True})
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+# Writes files by relative names in its working directory, as fast as it can, until killed.
+_BUSY_WRITER = """
+import itertools, time
+for i in itertools.count():
+    try:
+        with open(f"f{i}", "w") as f:
+            f.write("x" * 4096)
+    except OSError:
+        time.sleep(0.001)
+"""
+
+
+def test_a_writer_left_in_the_old_temp_folder_never_reaches_the_new_one(tmp_path: Path) -> None:
+    """A process still writing in a stage's `.s.tmp` from inside it (its working directory, as onnx2tf's is in
+    the convert stage) when the next run starts: the old folder is renamed aside before it is deleted, so the
+    new `.s.tmp` is empty and stays empty while that process writes on, and nothing raises."""
+    old = tmp_path / ".s.tmp"
+    old.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", _BUSY_WRITER], cwd=old)
+    try:
+        deadline = time.monotonic() + 30
+        while len(os.listdir(old)) < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(os.listdir(old)) >= 50, "the writer did not start"
+        new = fresh_temp_dir(tmp_path, "s")
+        assert new == old and os.listdir(new) == []
+        time.sleep(0.5)
+        assert writer.poll() is None  # still running, its working directory renamed aside and deleted
+        assert os.listdir(new) == []
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name != ".s.tmp"]
+        assert all(name.startswith(".s.stale-") for name in leftovers), leftovers  # dot-named, never "finished"
+    finally:
+        writer.kill()
+        writer.wait()
+    fresh_temp_dir(tmp_path, "s")  # the next run removes whatever the writer added while the old one was deleted
+    assert [p.name for p in tmp_path.iterdir()] == [".s.tmp"] and os.listdir(tmp_path / ".s.tmp") == []
 
 
 def test_checkpoint_write_hitting_the_limit_leaves_no_half_file(tmp_path: Path) -> None:
@@ -623,6 +666,24 @@ def test_full_disk_while_publishing_is_a_clean_error(full_artifacts: dict[str, A
     assert "edgeship: error:" in full_artifacts["output"]
 
 
-def test_hostile_name_guard() -> None:
-    """Guard: the hostile folder name really contains what a shell would execute."""
-    assert all(tok in HOSTILE for tok in (";", "&&", "$(", "`", "|", ">", "&", "'", '"', "*"))
+@pytest.mark.parametrize(
+    ("quoting", "ran"),
+    [
+        ("cd {path} && pwd", ["pwned1", "pwned2", "pwned3", "pwned4"]),
+        ('cd "{path}" && pwd', ["pwned2", "pwned3", "pwned5"]),
+        ("cd '{path}' && pwd", ["pwned6"]),
+        ("cd {quoted} && pwd", []),
+    ],
+    ids=["unquoted", "double-quotes", "single-quotes", "shlex.quote"],
+)
+def test_the_hostile_name_runs_in_a_shell(tmp_path: Path, quoting: str, ran: list[str]) -> None:
+    """Guard: a real /bin/sh handed a path with HOSTILE in it as code runs its payloads, however the path was
+    quoted by hand, so test_no_shell_ran_the_hostile_folder_name would see pwned* files; shlex.quote runs none."""
+    import shlex
+
+    folder = tmp_path / HOSTILE
+    folder.mkdir()
+    code = quoting.format(path=folder, quoted=shlex.quote(str(folder)))
+    proc = subprocess.run(["/bin/sh", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert sorted(p.name for p in tmp_path.glob("pwned*")) == ran, proc.stderr
+    assert (proc.returncode == 0 and proc.stdout.strip() == str(folder)) == (not ran)

@@ -162,3 +162,84 @@ def test_a_failed_profile_run_keeps_every_earlier_device_figure(tmp_path: Path, 
     assert current_figures(record, files)["local"]["results"] == first["results"]
     assert current_figures(record, {"model.tflite": broken}) == {}  # figures are for the file they measured
     assert json.loads(record.read_text())["format"] == "edgeship-device-figures/1"
+
+
+def test_labels_of_close_and_coincident_points_do_not_overlap() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from pipeline.report.figures import place_labels
+
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    pts = [(0.24, 89.43, "pruned fp32"), (0.24, 89.43, "pruned fp16"), (0.078, 89.46, "pruned int8 (shipped)"),
+           (0.080, 90.2, "baseline int8"), (0.079, 89.5, "coral (int8)"), (0.0785, 89.48, "rpi5 (int8)")]  # fmt: skip
+    for x, y, _ in pts:
+        ax.scatter(x, y)
+    ax.set_xlim(0, 0.3)
+    ax.margins(y=0.25)
+    boxes = place_labels(ax, pts)
+    assert len(boxes) == 5  # fp32 and fp16 share one label: they are on the same spot
+    texts = [t.get_text() for t in ax.texts]
+    assert "pruned fp32 / pruned fp16" in texts or "pruned fp16 / pruned fp32" in texts
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+
+
+def test_energy_measured_here_says_no_sensor_was_read_here() -> None:
+    from pipeline.power.energy import energy_summary
+    from pipeline.targets import load_target
+
+    power = load_target("rpi5").power
+    here = energy_summary(None, None, latency_ms=1.0, inferences=10, profile_power=power, sampled=False)
+    assert "stands in for the" in here["method"] and "returned no power reading" not in here["method"]
+    there = energy_summary(None, None, latency_ms=1.0, inferences=10, profile_power=power)
+    assert "returned no power reading" in there["method"]
+
+
+def test_an_interrupted_stage_leaves_no_temporary_folder(tmp_path: Path) -> None:
+    from pipeline.runner import run_stage
+
+    def work(out: Path) -> dict:
+        (out / "half.bin").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "stage", work, inputs={}, config={})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_size_hint_does_not_offer_int8_when_int8_ships() -> None:
+    from pipeline.deploy import budget_hint
+    from pipeline.targets import load_target
+
+    miss = [{"name": "size (KiB)"}]
+    assert "ship int8" not in budget_hint(load_target("rpi5"), miss, {})
+    fp16 = load_target("rpi5", overrides=("quantize.ship=fp16",))
+    assert "or ship int8" in budget_hint(fp16, miss, {})
+
+
+def test_make_report_shows_device_figures_recorded_for_the_current_bundle(tmp_path: Path) -> None:
+    from pipeline.report.build import with_device_figures
+
+    bundle = tmp_path / "art" / "rpi5"
+    (bundle / "variants").mkdir(parents=True)
+    (bundle / "model.tflite").write_bytes(b"current model")
+    import hashlib
+
+    def entry(data: bytes, p50: float) -> dict:
+        return {"measured_at": "2026-12-01T10:00:00+00:00", "files": {"model.tflite": hashlib.sha256(data).hexdigest()},
+                "info": {"machine": "aarch64"}, "failed": {}, "error": None, "last_failure": None,
+                "results": {"model.tflite": {"latency_ms": {"p50": p50, "p99": 2 * p50}, "runtime": "litert",
+                                             "runtime_version": "2.1.0"}}}  # fmt: skip
+
+    record = {"format": "edgeship-device-figures/1",
+              "devices": {"pi@a": entry(b"current model", 1.5), "pi@b": entry(b"an older model", 9.0)}}  # fmt: skip
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "profile-devices.json").write_text(json.dumps(record))
+    summary = with_device_figures({"devices": None}, tmp_path / "run", bundle)
+    assert list(summary["devices"]) == ["pi@a"]  # pi@b measured another model: not shown for this bundle
+    assert summary["devices"]["pi@a"]["results"]["model.tflite"]["p50"] == 1.5

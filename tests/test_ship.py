@@ -493,3 +493,65 @@ def test_the_default_model_name_is_a_plain_folder_name(tmp_path: Path, model: st
 
     (tmp_path / "metadata.json").write_text(json.dumps({"model": model}))
     assert default_model_name(tmp_path) == folder
+
+
+# ------------------------------------------------------------------------ one metadata schema, both sides
+
+# Every field the README's Kotlin and Swift loaders read, as a path into metadata.json.
+LOADER_PATHS = (
+    "input.shape", "input.dtype", "input.quantization.scale", "input.quantization.zero_point", "output.dtype",
+    "output.quantization.scale", "output.quantization.zero_point", "normalization.mean", "normalization.std",
+    "class_names", "version",
+)  # fmt: skip
+
+
+def _readme_loader_keys() -> set[str]:
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    kotlin = readme[readme.index("```kotlin") : readme.index("```", readme.index("```kotlin") + 3)]
+    swift = readme[readme.index("```swift") : readme.index("```", readme.index("```swift") + 3)]
+    keys = set(re.findall(r'(?:get|opt)(?:JSONObject|JSONArray|String|Double|Int)\("(\w+)"\)', kotlin))
+    decodable = swift[swift.index("struct EdgeshipMetadata") : swift.index("final class")]
+    keys |= set(re.findall(r"let (\w+):", decodable))
+    return keys
+
+
+def _get(meta: dict, path: str):
+    for part in path.split("."):
+        meta = meta[part]
+    return meta
+
+
+def test_the_readme_loaders_read_only_fields_this_list_names() -> None:
+    named = {part for path in LOADER_PATHS for part in path.split(".")}
+    assert _readme_loader_keys() == named
+
+
+@pytest.mark.slow
+def test_bundle_and_app_metadata_share_one_schema_with_every_loader_field(bundle: Path, tmp_path: Path) -> None:
+    dest = ship(bundle, android_app(tmp_path / "app"), model_name=MODEL).destination
+    in_bundle = json.loads((bundle / "metadata.json").read_text())
+    in_app = json.loads((dest / "metadata.json").read_text())
+    for meta in (in_bundle, in_app):
+        assert meta["format"] == "edgeship-metadata/2" and meta["schema_version"] == 2
+        for path in LOADER_PATHS:
+            _get(meta, path)  # KeyError names a field a loader reads and the file lacks
+        assert isinstance(meta["input"]["quantization"], dict) and "mean" not in meta
+    same = set(in_bundle) - {"version"}
+    assert {k: in_bundle[k] for k in same} == {k: in_app[k] for k in same}
+    assert set(in_app) - set(in_bundle) == {"bundle_sha256", "sha256", "embedded"}
+
+
+@pytest.mark.slow
+def test_a_board_bundle_shipped_into_a_phone_app_gets_a_note(bundle: Path, tmp_path: Path) -> None:
+    from pipeline.ship import ship_target
+
+    for target in ("rpi5", "android"):
+        art = tmp_path / f"art-{target}"
+        shutil.copytree(bundle, art / target)
+        res = ship_target(target, android_app(tmp_path / f"app-{target}"), artifacts_dir=art, model_name=MODEL)
+        if target == "rpi5":
+            assert res.note and "not for a phone" in res.note and "TARGET=android" in res.note
+        else:
+            assert res.note is None

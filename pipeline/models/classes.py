@@ -20,7 +20,9 @@ def read_classes_file(path: Path) -> tuple[str, ...]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--classes {path}: cannot read it ({exc}); give a UTF-8 text file, one name per line")
+        raise UsageError(
+            f"--classes {path}: cannot read it ({exc}); give a UTF-8 text file, one name per line"
+        ) from None
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -173,4 +173,3 @@ def _tail(s: Mapping[str, Any]) -> list[str]:
         lines.append(f"| {name} | {st_['seconds']:.1f} | {'cached' if st_['skipped'] else 'ran'} |")
     lines += ["", "Tools: " + ", ".join(f"{k} {v}" for k, v in s["tools"].items()), ""]
     return lines
-

@@ -182,5 +182,3 @@ def _budgets(t: Any, *, base_acc: float, shipped: Mapping[str, Any], on_device: 
                 }
             )
     return rows
-
-

@@ -72,7 +72,8 @@ def _existing_version(dest: Path) -> str | None:
         return str(json.loads(meta.read_text(encoding="utf-8"))["version"])
     except (OSError, ValueError, KeyError, TypeError):
         raise ShipError(
-            f"{meta} has no readable version; cannot tell whether this bundle is newer (pass FORCE=1 to make ship, or --force, to replace it)"
+            f"{meta} has no readable version; cannot tell whether this bundle is newer (pass FORCE=1 to make "
+            "ship, or --force, to replace it)"
         ) from None
 
 

@@ -88,7 +88,10 @@ def detect_app(app_dir: Path, *, resources: Path | None = None) -> AppLayout:
         if resources is None:
             if len(projects) > 1:
                 names = ", ".join(p.name for p in projects)
-                raise ShipError(f"{app_dir} has several Xcode projects ({names}); name the resources folder with RESOURCES=path/inside/the/app (--resources)")
+                raise ShipError(
+                    f"{app_dir} has several Xcode projects ({names}); name the resources folder with "
+                    "RESOURCES=path/inside/the/app (--resources)"
+                )
             app_folder = root / projects[0].stem
             if not app_folder.is_dir():
                 raise ShipError(
