@@ -111,8 +111,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """The one JSON form edgeship writes: indented, keys sorted, a final newline."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    write_text_atomic(path, json_text(obj))
 
 
 def read_json(path: Path) -> Any:

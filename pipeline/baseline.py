@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.artifacts import write_text_atomic
 from pipeline.data.fashion_mnist import load_fashion_mnist
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.zoo import get_model_spec
@@ -89,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         ["--epochs", str(args.epochs), "--seed", str(args.seed)]
     )
     save_checkpoint(model, args.out, meta=figures)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(figures, indent=2) + "\n")
-    tmp.replace(args.out.with_suffix(".json"))
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
     return 0
 

@@ -13,6 +13,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -232,15 +233,27 @@ def test_protocol_0_inst_pickle_is_refused_and_never_runs(tmp_path: Path) -> Non
     assert marker.exists()
 
 
-def test_the_refused_payload_is_live(tmp_path: Path) -> None:
-    """Control: the same files loaded WITHOUT weights_only do run their code (so the test above could fail)."""
-    zipped, raw, marker = _evil_files(tmp_path, "exec")
-    code = f"import torch; torch.load({str(zipped)!r}, weights_only=False)"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
-    assert marker.read_text() == "pwned"
-    marker.unlink()
-    subprocess.run([sys.executable, "-c", f"import pickle; pickle.load(open({str(raw)!r}, 'rb'))"], check=True)
-    assert marker.read_text() == "pwned"
+def _appears(path: Path, timeout_s: float = 30.0) -> bool:
+    """The Popen payload's `touch` runs on after the loading process has returned: wait for its file."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return path.exists()
+
+
+@pytest.mark.parametrize("kind", sorted(_PAYLOADS))
+def test_the_refused_payload_is_live(tmp_path: Path, kind: str) -> None:
+    """Control: the same files loaded WITHOUT weights_only do run their code (so the test above could fail),
+    each payload, as a torch zip and as a raw pickle."""
+    zipped, raw, marker = _evil_files(tmp_path, kind)
+    for code in (
+        f"import torch; torch.load({str(zipped)!r}, weights_only=False)",
+        f"import pickle; pickle.load(open({str(raw)!r}, 'rb'))",
+    ):
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+        assert _appears(marker), f"{kind}: {code} did not run the payload"
+        assert marker.read_text() == ("pwned" if kind == "exec" else "")
+        marker.unlink()
 
 
 def test_cli_refuses_a_pickle_with_code_and_the_code_never_runs(tmp_path: Path) -> None:

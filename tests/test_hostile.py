@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from pipeline.errors import PruningError, TargetConfigError
+from pipeline.models.checkpoint import save_checkpoint
 from pipeline.targets import TARGETS_DIR, load_target
 from tests.conftest import needs_fmnist, tiny_resnet
 from tests.tiny_models import prune_cfg
@@ -198,9 +199,14 @@ def test_metacharacters_in_data_and_calibration_paths_create_nothing(tmp_path: P
     proc = _edgeship("deploy", "--target", "host", "--calibration", value, *common)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"edgeship: error: {value}: no such calibration file" in proc.stderr
-    proc = _edgeship("deploy", "--target", "host", "--model", "tests.conftest:tiny_resnet", "--data", value,
-                     "--input-shape", "1x28x28", "--mean", "0.5", "--std", "0.5", *common)  # fmt: skip
+    assert "Traceback" not in proc.stderr
+    save_checkpoint(tiny_resnet(), tmp_path / "user.pt", meta={})  # so that the data folder is what is refused
+    proc = _edgeship("deploy", "--target", "host", "--model", "tests.conftest:tiny_resnet", "--checkpoint",
+                     str(tmp_path / "user.pt"), "--data", value, "--input-shape", "1x28x28", "--mean", "0.5",
+                     "--std", "0.5", *common)  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-2000:]
+    said = rf"edgeship: error: {re.escape(value)}/(test|train): no such folder; --data DIR needs DIR/\1/<class>/"
+    assert re.search(said, proc.stderr), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not any(m.exists() for m in markers)
     assert not (tmp_path / "art").exists()

@@ -1,4 +1,8 @@
-"""Tiny seeded models and a few real Fashion-MNIST images for the export/convert/verify tests."""
+"""Tiny seeded models and a few real Fashion-MNIST images, for every test module.
+
+Two residual shapes on purpose: TinyResNet joins its residual through a 1x1 shortcut conv after a max-pool
+(DepGraph couples body and shortcut outputs), TinyResidualCNN through an identity add and downsamples with a
+strided conv (the add couples the stem with the block)."""
 
 from __future__ import annotations
 
@@ -26,6 +30,42 @@ CLASSES = (
     "Bag",
     "Ankle boot",
 )
+
+
+class TinyResNet(nn.Module):
+    """A tiny residual CNN for 1x28x28 inputs: enough coupling (residual add, BN, classifier) for DepGraph."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.body = nn.Sequential(
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+        )
+        self.short = nn.Sequential(nn.Conv2d(w, 2 * w, 1, bias=False), nn.BatchNorm2d(2 * w))
+        self.head = nn.Sequential(
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * w, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(torch.relu(self.body(x) + self.short(x)))
+
+
+def tiny_resnet(seed: int = 0) -> TinyResNet:
+    torch.manual_seed(seed)
+    return TinyResNet().eval()
 
 
 class TinyResidualCNN(nn.Module):

@@ -56,6 +56,7 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline.artifacts import write_text_atomic
 from pipeline.convert.export_onnx import OnnxExport
 from pipeline.data.imageset import ImageSet
 from pipeline.errors import ConversionError, DatasetError, UsageError, VerificationError
@@ -229,11 +230,8 @@ def convert_tflite(
         rc, seconds = _run(argv, workdir, logfile, timeout_s=timeout_s)
         text = _read_log(logfile)
         if log_path is not None:
-            log_path = Path(log_path)
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp_log = log_path.with_name(f".{log_path.name}.{os.getpid()}.tmp")
-            tmp_log.write_text(text)
-            os.replace(tmp_log, log_path)
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(Path(log_path), text)
         cmd = " ".join(argv)
         if rc is None:
             raise ConversionError(

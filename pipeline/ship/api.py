@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import json_text
 from pipeline.errors import ShipError
 from pipeline.ship.check import check_same_outputs, io_details
 from pipeline.ship.copy import ship_files
@@ -40,7 +41,7 @@ def _sha256(data: bytes) -> str:
 
 
 def _json(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
+    return json_text(obj).encode("utf-8")
 
 
 def read_bundle(bundle_dir: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
