@@ -1,7 +1,7 @@
 """The deploy chain for one target: walk the declared stages (pipeline.stages.CHAIN), then report and publish.
 
-baseline -> export_baseline -> convert_baseline -> latency_table -> prune -> finetune -> export -> convert
--> edgetpu -> verify -> profile, then the summary and reports (pipeline/report) and the bundle
+baseline -> export_baseline -> convert_baseline -> latency_table -> sensitivity -> prune -> finetune -> export
+-> convert -> edgetpu -> verify -> profile, then the summary and reports (pipeline/report) and the bundle
 (pipeline/bundle.py). A stage that does not apply to the target (latency_table without a latency budget,
 edgetpu without an Edge TPU) is left out. Every stage is cached under runs/<target>/<stage>/ (runner.py).
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import run_lock
+from pipeline.edgetpu.budget import ROW_NAME, edgetpu_hint
 from pipeline.errors import BudgetError, CheckpointError
 from pipeline.request import DeployRequest, DeployResult, Progress
 from pipeline.runner import run_stage
@@ -97,4 +98,6 @@ def budget_hint(t: TargetProfile, misses: list[dict[str, Any]], summary: Mapping
             )
         else:
             hints.append("For latency: prune to it directly with pruning.target: {metric: latency}.")
+    if ROW_NAME in names:
+        hints.append(edgetpu_hint(summary.get("edgetpu")))
     return " ".join(hints)

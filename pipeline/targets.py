@@ -47,6 +47,7 @@ class Budgets(_Frozen):
     latency_ms: float | None = Field(default=None, gt=0)
     max_size_kb: float | None = Field(default=None, gt=0)
     max_accuracy_drop: float = Field(default=0.02, ge=0, le=1)
+    edgetpu_min_mapped: float | None = Field(default=None, ge=0, le=1)  # share of ops on the Edge TPU
 
 
 class PruneTarget(_Frozen):
@@ -66,13 +67,50 @@ class PruneTarget(_Frozen):
         return self
 
 
+class Sensitivity(_Frozen):
+    """How the sensitivity stage measures each prunable group: pruned alone to each level (share of its
+    channels removed), BatchNorm re-estimated, then validation loss and accuracy on `images` images."""
+
+    levels: tuple[float, ...] = (0.25, 0.5, 0.75)
+    images: int = Field(default=1000, ge=16, le=50_000)
+
+    @model_validator(mode="after")
+    def _levels(self) -> Sensitivity:
+        if not self.levels or any(not 0 < x < 1 for x in self.levels) or list(self.levels) != sorted(set(self.levels)):
+            raise ValueError(f"levels: distinct increasing shares of channels removed, each in (0, 1); got "
+                             f"{list(self.levels)}")  # fmt: skip
+        return self
+
+
 class Pruning(_Frozen):
+    """How to prune: the target, which channels go (`importance`), and how the cut is shared between layers
+    (`allocation`: `sensitivity` spends it where the measured validation loss rises least per MAC saved,
+    `uniform` takes the same share of every layer; `global: true` lets Torch-Pruning rank channels across
+    layers by importance instead)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+
     enabled: bool = True
     target: PruneTarget = PruneTarget(metric="macs", keep=0.5)
     channel_multiple: int = Field(default=8, ge=1, le=256)
-    importance: Literal["l1", "l2", "taylor"] = "l2"
+    importance: Literal["l1", "l2", "taylor", "lamp", "bn_scale", "hessian"] = "l2"
+    global_pruning: bool = Field(default=False, alias="global")
+    allocation: Literal["sensitivity", "uniform"] = "sensitivity"
+    sensitivity: Sensitivity = Sensitivity()
     keep_layers: tuple[str, ...] = ()
     max_layer_ratio: float = Field(default=0.8, gt=0, lt=1)
+    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on training images after pruning
+
+    @model_validator(mode="after")
+    def _one_allocation(self) -> Pruning:
+        if self.global_pruning and self.allocation == "sensitivity":
+            raise ValueError(
+                "global: true ranks channels across layers by importance, allocation: sensitivity by measured "
+                "loss; pick one (allocation: uniform with global: true for Torch-Pruning's global ranking)"
+            )
+        if self.global_pruning and self.target.metric == "latency":
+            raise ValueError("global: latency budgets allocate channels from the latency table; set global: false")
+        return self
 
 
 class Finetune(_Frozen):
@@ -84,6 +122,10 @@ class Finetune(_Frozen):
     temperature: float = Field(default=4.0, gt=0, le=50)
     alpha: float = Field(default=0.7, ge=0, le=1)
     max_train_images: int | None = Field(default=None, ge=1)
+    min_steps: int = Field(default=200, ge=0, le=1_000_000)  # however small the data: at least this many steps
+    warmup: float = Field(default=0.1, ge=0, lt=1)  # share of the steps warming up, then cosine decay
+    early_stopping: bool = True  # evaluate on the validation split and keep the best checkpoint
+    evaluations: int = Field(default=8, ge=1, le=1000)  # how many times during the run
 
 
 class Quantize(_Frozen):
@@ -171,6 +213,10 @@ class TargetProfile(_Frozen):
                 )
             if self.quantize.int8_io == "float32":
                 raise ValueError("quantize.int8_io: the Edge TPU needs integer I/O; use int8 or uint8")
+        elif self.budgets.edgetpu_min_mapped is not None:
+            raise ValueError("budgets.edgetpu_min_mapped: only an Edge TPU target (hardware.accelerator: edgetpu) "
+                             f"maps ops to an Edge TPU, this one has accelerator {self.hardware.accelerator!r}; "
+                             "remove the field")  # fmt: skip
         if self.pruning.target.metric == "latency":
             if self.budgets.latency_ms is None:
                 raise ValueError("pruning.target.metric: latency needs budgets.latency_ms")

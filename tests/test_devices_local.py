@@ -8,16 +8,15 @@ only, as in CI), and, where pyenv is installed, pyenv's 2.7 and 3.7 as well.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pipeline.bench import BenchSettings
 from pipeline.devices.profile_device import profile_on_device
 from pipeline.devices.transport import LocalTransport
 from pipeline.errors import DeviceError
-from pipeline.bench import RUNNER, BenchSettings
 
 pytest_plugins = ("devices_fixtures", "bullseye_rootfs")
 

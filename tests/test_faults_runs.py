@@ -35,7 +35,7 @@ from tests.tiny_models import has_fashion_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = "tinyfault"
-STAGES = ["baseline", "export_baseline", "convert_baseline", "prune", "finetune", "export", "convert", "verify",
+STAGES = ["baseline", "export_baseline", "convert_baseline", "sensitivity", "prune", "finetune", "export", "convert", "verify",
           "profile"]  # fmt: skip
 # A folder name that runs commands if any part of the pipeline ever hands a path to a shell as code, unquoted
 # (pwned1-4), in double quotes (pwned2, 3, 5) or in single quotes (pwned6); its quotes balance in each of these,
@@ -583,7 +583,10 @@ def test_resumed_artifacts_equal_an_uninterrupted_run(killed_runs: dict[str, Any
     assert set(ref_files) == set(new_files)
     for rel in ref_files:
         assert sha256_file(new_b / rel) == new_files[rel]["sha256"]  # the bundle is whole
-        if Path(rel).name not in NONDETERMINISTIC:
+        if rel == "metadata.json":  # the same, but for `version`: the bundle's build time
+            ref_meta, new_meta = (json.loads((b / rel).read_text()) for b in (ref_b, new_b))
+            assert {**ref_meta, "version": None} == {**new_meta, "version": None}
+        elif Path(rel).name not in NONDETERMINISTIC:
             assert new_files[rel]["sha256"] == ref_files[rel]["sha256"], rel
     assert {"model.tflite", "variants/model_int8.tflite", "metadata.json", "labels.txt"} <= set(ref_files)
     # what the kills left (a stage's .tmp folder, an atomic write's .tmp file) is gone after the last run
@@ -662,8 +665,15 @@ def test_full_disk_while_publishing_keeps_the_previous_bundle(full_artifacts: di
 
 @pytest.mark.slow
 def test_full_disk_while_publishing_is_a_clean_error(full_artifacts: dict[str, Any]) -> None:
-    assert "Traceback" not in full_artifacts["output"]
-    assert "edgeship: error:" in full_artifacts["output"]
+    out = full_artifacts["output"]
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("edgeship: error:")]
+    assert len(errors) == 1 and out.rstrip().splitlines()[-1] == errors[0], out[-3000:]  # one line, the last
+    assert re.fullmatch(
+        r"edgeship: error: /\S.*: No space left on device; free some space and run again: finished stages are "
+        r"kept, the previous bundle is untouched",
+        errors[0],
+    ), errors[0]
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import DeviceError
 from pipeline.bench import RUNNER, BenchSettings, parse_runner_output, profile_local
+from pipeline.errors import DeviceError
 
 
 def _tiny_tflite(path: Path) -> Path:

@@ -18,6 +18,7 @@ from pipeline.data.imageset import ImageSet
 from pipeline.models.spec import ModelSpec
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 CLASSES = (
     "T-shirt/top",
     "Trouser",

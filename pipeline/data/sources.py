@@ -25,10 +25,16 @@ class DataPlan:
     data_dir: Path | None = None
     calibration_path: Path | None = None
     test_limit: int | None = None
+    val_fraction: float = 0.1  # of train, per class, held out for every decision (never trained on)
+    val_max: int = 5000
+    val_seed: int = 0
 
     def describe(self) -> dict[str, str]:
+        train = self._name("train")
         return {
-            "train": self._name("train"),
+            "train": f"{train} minus the validation split",
+            "val": f"{train}: {self.val_fraction:g} of each class (at most {self.val_max} images), seed "
+            f"{self.val_seed}",
             "test": self._name("test"),
             "calibration": str(self.calibration_file),
         }
@@ -81,10 +87,20 @@ class DataPlan:
         return ImageSet(data.images, mapping[data.labels], names, data.source)
 
     @cached_property
-    def train(self) -> ImageSet:
+    def _split(self) -> tuple[ImageSet, ImageSet]:
         data = self._load("train")
         self.spec.check_images(data)
-        return data
+        return split_validation(data, fraction=self.val_fraction, max_images=self.val_max, seed=self.val_seed)
+
+    @property
+    def train(self) -> ImageSet:
+        """The training images less the validation split: what fine-tuning learns from."""
+        return self._split[0]
+
+    @property
+    def val(self) -> ImageSet:
+        """The validation split carved from train (seeded, stratified): what every decision reads."""
+        return self._split[1]
 
     @cached_property
     def test(self) -> ImageSet:
@@ -108,6 +124,35 @@ class DataPlan:
             data = load_calibration(path)
         self.spec.check_images(data)
         return data
+
+
+def split_validation(data: ImageSet, *, fraction: float, max_images: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(train, val): `fraction` of each class (at least one image of a class with two or more) held out, at
+    most `max_images` in all, chosen by a seeded shuffle; unlabelled images are split without strata."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"validation fraction must be between 0 and 1, got {fraction}")
+    n = len(data)
+    want = min(max_images, max(1, round(fraction * n)))
+    rng = np.random.default_rng(seed)
+    if data.labels is None:
+        val_idx = rng.permutation(n)[:want]
+    else:
+        picked = []
+        for c in np.unique(data.labels):
+            members = rng.permutation(np.flatnonzero(data.labels == c))
+            k = round(len(members) * want / n)
+            picked.append(members[: max(k, 1) if len(members) > 1 else 0])
+        val_idx = np.concatenate(picked) if picked else np.array([], dtype=np.int64)
+    if len(val_idx) == 0 or len(val_idx) >= n:
+        raise DatasetError(f"{data.source}: {n} training images are too few to hold out a validation split")
+    mask = np.zeros(n, dtype=bool)
+    mask[val_idx] = True
+    return _take(data, ~mask, "train"), _take(data, mask, "val")
+
+
+def _take(data: ImageSet, mask: np.ndarray, part: str) -> ImageSet:
+    labels = None if data.labels is None else data.labels[mask]
+    return ImageSet(data.images[mask], labels, data.class_names, f"{data.source} [{part}: {int(mask.sum())}]")
 
 
 def fingerprint(data: ImageSet) -> str:

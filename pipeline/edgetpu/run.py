@@ -20,6 +20,7 @@ from torch import nn
 from pipeline.artifacts import write_json_atomic, write_text_atomic
 from pipeline.edgetpu.analyze import CPU, CompatReport, analyze
 from pipeline.edgetpu.attribution import LayerRef, attribute_ops, matched_share
+from pipeline.edgetpu.budget import feedback_lines
 from pipeline.edgetpu.compiler import run_compiler
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,13 @@ def run_edgetpu_stage(
     *,
     sram_mb: float,
     fixes: Mapping[str, Any],
+    rewrites: Mapping[str, Any] | None = None,
     compile_timeout_s: float = 300,
 ) -> dict[str, Any]:
-    """Analyse `tflite` (full int8) for the Edge TPU, run the compiler if present; files into `out`."""
+    """Analyse `tflite` (full int8) for the Edge TPU, run the compiler if present; files into `out`.
+
+    `model` is the PyTorch model `tflite` was converted from (after the rewrites of pipeline.edgetpu.rewrite,
+    whose `RewriteReport.to_dict()` is `rewrites`: recorded with the figures)."""
     compiler = run_compiler(tflite, out / "compiler", timeout_s=compile_timeout_s)
     if compiler.available and not compiler.ok:
         compiler.raise_for_status()
@@ -88,6 +93,7 @@ def run_edgetpu_stage(
         "layer_feedback": feedback,
         "attribution_exact_share": round(matched_share(refs), 3),
         "fixes": dict(fixes),
+        "rewrites": dict(rewrites) if rewrites is not None else None,
         "compiler": {
             "available": compiler.available,
             "ok": compiler.ok,
@@ -118,13 +124,7 @@ def render_markdown(summary: Mapping[str, Any], report: CompatReport, ops: list[
     from pipeline.edgetpu.analyze import format_bytes
 
     lines = [f"- Fixed during conversion: {note}." for note in summary["fixes"].get("notes", [])]
-    for row in summary["layer_feedback"]:
-        change = "; ".join(row["what_to_change"]) or "see the table below"
-        lines.append(
-            f"- Op #{row['op_index']} {row['op']} comes from {row['where']}: {row['reason']}. To fix: {change}."
-        )
-    for b in summary["blockers"]:
-        lines.append(f"- Blocks compilation: {b['message']} To fix: {b['hint']}.")
+    lines += [f"- {line}" for line in feedback_lines(summary)]
     mem = summary["memory"]
     lines += [
         f"- Parameters: {format_bytes(mem['param_bytes_tpu'])} of {format_bytes(mem['param_bytes_total'])} on the "

@@ -36,6 +36,17 @@ class ModelSpec:
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 1, 1, -1)
         return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
 
+    def batches(
+        self, data: ImageSet, *, batch_size: int = 250, limit: int | None = None, seed: int = 0
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """`data` (a seeded subset of `limit` images when given) as normalized (images, labels) batches."""
+        data = data.subset(limit, seed=seed)
+        out = []
+        for i in range(0, len(data), batch_size):
+            labels = None if data.labels is None else torch.from_numpy(data.labels[i : i + batch_size]).long()
+            out.append((self.to_tensor(data.images[i : i + batch_size]), labels))
+        return out
+
     def check_images(self, data: ImageSet) -> None:
         """Raise DatasetError when the images' HWC shape does not match the model input."""
         c, h, w = self.input_shape

@@ -98,33 +98,78 @@ def resolve_keep_layers(model: nn.Module, names: Sequence[str]) -> list[nn.Modul
     return found
 
 
+GRADIENT_CRITERIA = ("taylor", "hessian")  # need gradients of the loss on validation batches
+HESSIAN_SAMPLES = 64  # per-sample gradients for the Hessian criterion (one backward each)
+
+
 def _importance(kind: str) -> tp.importance.Importance:
     match kind:
         case "l1":
             return tp.importance.GroupMagnitudeImportance(p=1)
         case "l2":
             return tp.importance.GroupMagnitudeImportance(p=2)
-    raise PruningError(f"pruning.importance: unknown importance {kind!r}; valid: l1, l2")
+        case "taylor":
+            return tp.importance.GroupTaylorImportance()
+        case "lamp":
+            return tp.importance.LAMPImportance(p=2)
+        case "bn_scale":
+            return tp.importance.BNScaleImportance()
+        case "hessian":
+            return tp.importance.GroupHessianImportance()
+    raise PruningError(
+        f"pruning.importance: unknown importance {kind!r}; valid: l1, l2, taylor, lamp, bn_scale, hessian"
+    )
+
+
+def _gradients(model: nn.Module, imp: tp.importance.Importance, kind: str, batches: Sequence[Any]) -> None:
+    """Leave in `model` (and, for the Hessian criterion, in `imp`) the loss gradients the criterion reads."""
+    if kind not in GRADIENT_CRITERIA:
+        return
+    if not batches:
+        raise PruningError(f"pruning.importance: {kind} needs validation images to take gradients on")
+    import torch.nn.functional as F
+
+    model.eval()
+    model.zero_grad()
+    if kind == "hessian":
+        imp.zero_grad()
+        x = torch.cat([b[0] for b in batches])[:HESSIAN_SAMPLES]
+        out = model(x)
+        target = out.argmax(1).detach()  # the model's own answer: no labels needed
+        for i in range(len(x)):
+            model.zero_grad()
+            F.cross_entropy(out[i : i + 1], target[i : i + 1]).backward(retain_graph=i < len(x) - 1)
+            imp.accumulate_grad(model)
+        return
+    for x, y in batches:
+        out = model(x)
+        F.cross_entropy(out, y if y is not None else out.argmax(1).detach()).backward()
 
 
 def _pruner(
     model: nn.Module,
     example: torch.Tensor,
     *,
-    importance: str,
+    importance: str | tp.importance.Importance,
     keep_layers: Sequence[str],
     ratio_dict: dict[nn.Module, float] | None = None,
+    global_ratio: float | None = None,
+    max_ratio: float = 1.0,
+    round_to: int | None = None,
 ) -> tp.pruner.MetaPruner:
     ignored = ignored_layers(model, example, keep_layers)
+    imp = _importance(importance) if isinstance(importance, str) else importance
     try:
         return tp.pruner.MetaPruner(
             model,
             example,
-            importance=_importance(importance),
-            pruning_ratio=0.0,
+            importance=imp,
+            pruning_ratio=global_ratio or 0.0,
             pruning_ratio_dict=ratio_dict,
             ignored_layers=ignored,
-            global_pruning=False,
+            global_pruning=global_ratio is not None,
+            max_pruning_ratio=max_ratio,
+            round_to=round_to,
         )
     except Exception as exc:  # Torch-Pruning raises bare errors for graphs it cannot trace
         raise PruningError(
@@ -177,10 +222,12 @@ def prune_to_plan(
     *,
     importance: str = "l2",
     keep_layers: Sequence[str] = (),
+    batches: Sequence[Any] = (),
 ) -> nn.Module:
     """A pruned copy of `model` in which each group root named in `kept` keeps that many channels.
 
-    Which channels go is decided by the importance criterion, group-wise (all coupled layers together).
+    Which channels go is decided by the importance criterion, group-wise (all coupled layers together);
+    `batches` ((images, labels) pairs) feed the gradient criteria (taylor, hessian).
     """
     pruned = copy.deepcopy(model).eval()
     modules = dict(pruned.named_modules())
@@ -194,14 +241,34 @@ def prune_to_plan(
             raise PruningError(f"{name}: cannot keep {n_keep} of {total} channels")
         # Torch-Pruning keeps int(total * (1 - ratio)) channels; nudge so that float error cannot drop one.
         ratio_dict[modules[name]] = (total - n_keep) / total - 1e-6 if n_keep < total else 0.0
-    pruner = _pruner(pruned, example, importance=importance, keep_layers=keep_layers, ratio_dict=ratio_dict)
+    return _step(pruned, example, importance, keep_layers, batches, ratio_dict=ratio_dict)
+
+
+def prune_globally(
+    model: nn.Module, example: torch.Tensor, ratio: float, cfg: Pruning, *, batches: Sequence[Any] = ()
+) -> nn.Module:
+    """A pruned copy of `model` with `ratio` of all prunable channels removed, ranked across layers by the
+    importance criterion (Torch-Pruning's global pruning), channel counts rounded to the channel multiple."""
+    pruned = copy.deepcopy(model).eval()
+    return _step(pruned, example, cfg.importance, cfg.keep_layers, batches, global_ratio=ratio,
+                 max_ratio=cfg.max_layer_ratio, round_to=cfg.channel_multiple)  # fmt: skip
+
+
+def _step(pruned: nn.Module, example: torch.Tensor, importance: str, keep_layers: Sequence[str],
+          batches: Sequence[Any], **pruner_args: Any) -> nn.Module:  # fmt: skip
+    imp = _importance(importance)
+    pruner = _pruner(pruned, example, importance=imp, keep_layers=keep_layers, **pruner_args)
     try:
+        _gradients(pruned, imp, importance, batches)
         pruner.step()
+        pruned.zero_grad(set_to_none=True)
         with torch.no_grad():
             pruned(example)
+    except PruningError:
+        raise
     except Exception as exc:
         raise PruningError(_failure_message(pruned, example, exc)) from exc
-    return pruned
+    return pruned.eval()
 
 
 def _failure_message(pruned: nn.Module, example: torch.Tensor, exc: Exception) -> str:
@@ -250,11 +317,15 @@ def uniform_plan(groups: Mapping[str, int], keep_fraction: float, *, multiple: i
     return plan
 
 
-def prune_to_target(model: nn.Module, example: torch.Tensor, cfg: Pruning, *, iterations: int = 12) -> PruneResult:
+def prune_to_target(
+    model: nn.Module, example: torch.Tensor, cfg: Pruning, *, batches: Sequence[Any] = (), iterations: int = 12
+) -> PruneResult:
     """The least-pruned model whose MACs (or params) are at most `cfg.target.keep` of the original.
 
-    Bisection on one channel-keep fraction shared by every group; channel counts on multiples of
-    `cfg.channel_multiple`, rounded to the nearest so that the steps of different layers interleave.
+    Bisection on one channel-keep fraction: shared by every group (channel counts on multiples of
+    `cfg.channel_multiple`, rounded to the nearest so that the steps of different layers interleave), or, with
+    `cfg.global_pruning`, the share of all channels kept, ranked across layers by importance. `batches` feed
+    the gradient criteria.
     """
     metric, keep = cfg.target.metric, cfg.target.keep
     if metric == "latency" or keep is None:
@@ -268,8 +339,12 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, cfg: Pruning, *, it
     groups = prunable_groups(model, example, keep_layers=keep_layers)
 
     def attempt(fraction: float) -> tuple[nn.Module, int, int, float]:
-        plan = uniform_plan(groups, fraction, multiple=channel_multiple, max_ratio=max_ratio)
-        pruned = prune_to_plan(model, example, plan, importance=importance, keep_layers=keep_layers)
+        if cfg.global_pruning:
+            pruned = prune_globally(model, example, 1.0 - fraction, cfg, batches=batches)
+        else:
+            plan = uniform_plan(groups, fraction, multiple=channel_multiple, max_ratio=max_ratio)
+            pruned = prune_to_plan(model, example, plan, importance=importance, keep_layers=keep_layers,
+                                   batches=batches)  # fmt: skip
         macs, params = count_macs_params(pruned, example)
         return pruned, macs, params, (macs if metric == "macs" else params) / base
 

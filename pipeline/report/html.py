@@ -227,10 +227,16 @@ def _edgetpu(s: Mapping[str, Any]) -> str:
          o.get("pytorch_layer") or "-", o.get("reason") or "")
         for o in ops
     ]  # fmt: skip
+    rw = et.get("rewrites") or {}
+    items = [f"<li>Rewritten before export: <code>{esc(r.get('layer'))}</code> {esc(r.get('before'))} &rarr; "
+             f"{esc(r.get('after'))}</li>" for r in rw.get("applied") or []]  # fmt: skip
+    items += [f"<li>Suggestion (not applied, it changes the numbers): <code>{esc(x.get('layer'))}</code>: "
+              f"{esc(x.get('what_to_change'))}</li>" for x in rw.get("suggestions") or []]  # fmt: skip
     return "\n".join(
         [
             "<h2>Edge TPU</h2>",
             head,
+            f"<ul>{''.join(items)}</ul>" if items else "",
             img(figures.edgetpu_op_map(ops), "Edge TPU op map"),
             "<details><summary>ops</summary>"
             + table(["#", "op", "runs on", "PyTorch layer", "reason"], rows)

@@ -62,13 +62,26 @@ def _pruning(pr: Mapping[str, Any]) -> list[str]:
     lines: list[str] = []
     if pr["enabled"]:
         lines += [
-            f"Pruning target: keep {pr['keep_target']:.0%} of {pr['metric']}; achieved {pr['keep_achieved']:.1%}. "
-            f"Accuracy right after pruning {pct(pr['accuracy_torch_before_finetune'])}, after "
-            f"{pr['finetune_steps']} distillation steps ({pr['finetune_images']:,} images) "
-            f"{pct(pr['accuracy_torch'])}.",
+            f"Pruning target: keep {pr['keep_target']:.0%} of {pr['metric']}; achieved {pr['keep_achieved']:.1%}"
+            f"{_allocation(pr)}. Validation accuracy right after pruning (BatchNorm re-estimated) "
+            f"{pct(pr['accuracy_torch_before_finetune'])}; after {pr['finetune_steps']} distillation steps "
+            f"({pr['finetune_images']:,} images{_best(pr)}) test accuracy {pct(pr['accuracy_torch'])}.",
             "",
         ]
+        if pr.get("allocation_note"):
+            lines += [f"Target not met within 2%: {pr['allocation_note']}.", ""]
     return lines
+
+
+def _allocation(pr: Mapping[str, Any]) -> str:
+    method = pr.get("allocation")
+    return {"sensitivity": ", channels allocated from the measured sensitivity", "uniform": ", the same share of "
+            "every layer", "global": ", channels ranked across layers (global)"}.get(method, "")  # fmt: skip
+
+
+def _best(pr: Mapping[str, Any]) -> str:
+    step = pr.get("finetune_best_step")
+    return f", best validation checkpoint at step {step}" if step is not None else ""
 
 
 def _variants(s: Mapping[str, Any]) -> list[str]:
@@ -154,10 +167,22 @@ def _edgetpu(s: Mapping[str, Any]) -> list[str]:
             f"Status: **{et['status']}** ({et['tpu_ops']} ops on the Edge TPU, {et['cpu_ops']} on the CPU), "
             f"checked from the .tflite itself against the published rules; on-chip memory {et['sram_mb']:g} MiB.",
             "",
+            *_rewrites(et.get("rewrites")),
             et.get("markdown") or "",
             "",
         ]
     return lines
+
+
+def _rewrites(rw: Mapping[str, Any] | None) -> list[str]:
+    """The exact rewrites applied before export (with the layer each touched) and the suggestions left."""
+    if not rw:
+        return []
+    lines = [f"- Rewritten before export: `{r['layer']}` {r['before']} -> {r['after']} (max abs diff "
+             f"{r['max_abs_diff']:.2g})." for r in rw.get("applied") or []]  # fmt: skip
+    lines += [f"- Suggestion (not applied, it changes the numbers): `{s['layer']}` ({s['layer_type']}): "
+              f"{s['what_to_change']}." for s in rw.get("suggestions") or []]  # fmt: skip
+    return [*lines, ""] if lines else []
 
 
 def _tail(s: Mapping[str, Any]) -> list[str]:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.runner import tool_versions
-from pipeline.stages import BASELINE, EDGETPU, FINETUNE, PROFILE, PRUNE, VERIFY, Context
+from pipeline.stages import BASELINE, EDGETPU, FINETUNE, PROFILE, PRUNE, SENSITIVITY, VERIFY, Context
 
 
 def _energy(prof: Mapping[str, Any], power: Any) -> dict[str, Any] | None:
@@ -64,6 +64,7 @@ def summarize(ctx: Context) -> dict[str, Any]:
         "model": req.spec.name,
         "data": req.data.describe(),
         "test_images": base.test_images,
+        "val_images": len(req.data.val),
         "shipped_precision": ship,
         "baseline": {
             "params": base.params, "macs": base.macs, "accuracy_torch": base.accuracy,
@@ -74,16 +75,20 @@ def summarize(ctx: Context) -> dict[str, Any]:
             "params": tuned.params, "macs": tuned.macs,
             "keep_target": pruned.figure("keep_target"), "keep_achieved": pruned.figure("keep_achieved"),
             "metric": pruned.figure("metric"),
-            "accuracy_torch_before_finetune": pruned.accuracy_before_finetune,
+            "accuracy_torch_before_finetune": pruned.accuracy_before_finetune,  # validation split
+            "allocation": (pruned.allocation or {}).get("method"),
+            "allocation_note": (pruned.allocation or {}).get("why_not_within"),
+            "finetune_best_step": tuned.best_step,
             "accuracy_torch": tuned.accuracy,
             "finetune_steps": tuned.steps, "finetune_images": tuned.images_seen,
             "layers": pruned.layers,
         },
         "variants": variants,
         "latency_model": _latency_model(pruned.latency, shipped),
-        "budgets": _budgets(t, base_acc=base.accuracy, shipped=shipped, on_device=on_device),
+        "budgets": _budgets(t, base_acc=base.accuracy, shipped=shipped, on_device=on_device, edgetpu=_edgetpu(ctx)),
         "devices": device_rows(ctx.get(PROFILE).devices),
         "edgetpu": _edgetpu(ctx),
+        "sensitivity": ctx.get(SENSITIVITY).curves() if ctx.has(SENSITIVITY) else None,
         "stages": {n: {"seconds": r.seconds, "skipped": r.skipped} for n, r in ctx.records.items()},
         "tools": tool_versions(),
     }  # fmt: skip
@@ -135,7 +140,10 @@ def _latency_model(fig: Mapping[str, Any] | None, shipped: Mapping[str, Any]) ->
     }
 
 
-def _budgets(t: Any, *, base_acc: float, shipped: Mapping[str, Any], on_device: bool) -> list[dict[str, Any]]:
+def _budgets(t: Any, *, base_acc: float, shipped: Mapping[str, Any], on_device: bool,
+             edgetpu: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    from pipeline.edgetpu.budget import edgetpu_budget_rows
+
     b = t.budgets
     rows = []
     drop = base_acc - shipped["accuracy"]
@@ -181,4 +189,4 @@ def _budgets(t: Any, *, base_acc: float, shipped: Mapping[str, Any], on_device: 
                     "note": f"measured on {shipped['measured_on']}, not on a {t.name} device",
                 }
             )
-    return rows
+    return rows + edgetpu_budget_rows(b, edgetpu)

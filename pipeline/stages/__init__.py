@@ -1,6 +1,7 @@
 """The deploy chain, one declared stage per module, in the order `pipeline.deploy` runs them:
 
-baseline -> export_baseline -> convert_baseline -> latency_table (latency budgets only) -> prune -> finetune
+baseline -> export_baseline -> convert_baseline -> latency_table (latency budgets only) -> sensitivity
+(sensitivity allocation only) -> prune -> finetune
 -> export -> convert -> edgetpu (Edge TPU targets only) -> verify -> profile
 
 A new stage is one new module here plus one line in CHAIN.
@@ -17,6 +18,7 @@ from pipeline.stages.finetune import FINETUNE
 from pipeline.stages.latency_table import LATENCY_TABLE
 from pipeline.stages.profile import PROFILE
 from pipeline.stages.prune import PRUNE
+from pipeline.stages.sensitivity import SENSITIVITY
 from pipeline.stages.verify import VERIFY
 
 CHAIN: tuple[Stage, ...] = (
@@ -24,6 +26,7 @@ CHAIN: tuple[Stage, ...] = (
     EXPORT_BASELINE,
     CONVERT_BASELINE,
     LATENCY_TABLE,
+    SENSITIVITY,
     PRUNE,
     FINETUNE,
     EXPORT,
@@ -33,4 +36,16 @@ CHAIN: tuple[Stage, ...] = (
     PROFILE,
 )
 
-__all__ = ["CHAIN", "Context", "Stage"]
+__all__ = [
+    "BASELINE",
+    "CHAIN",
+    "CONVERT",
+    "EDGETPU",
+    "FINETUNE",
+    "PROFILE",
+    "PRUNE",
+    "SENSITIVITY",
+    "VERIFY",
+    "Context",
+    "Stage",
+]

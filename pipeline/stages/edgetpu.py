@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.stages.base import Context, Stage
 from pipeline.stages.convert import CONVERT
+from pipeline.stages.export import EXPORT
 from pipeline.stages.finetune import FINETUNE
 
 
@@ -43,6 +44,7 @@ class EdgetpuResult:
 class EdgetpuStage(Stage[EdgetpuResult]):
     name = "edgetpu"
     result = EdgetpuResult
+    version = 2  # figures: + rewrites (the export stage's Edge TPU rewrites)
 
     def applies(self, ctx: Context) -> bool:
         return ctx.target.hardware.accelerator == "edgetpu"
@@ -55,12 +57,16 @@ class EdgetpuStage(Stage[EdgetpuResult]):
                 "compiler": shutil.which("edgetpu_compiler") or "absent", "format": "edgeship-edgetpu/1"}  # fmt: skip
 
     def run(self, ctx: Context, out: Path) -> EdgetpuResult:
+        from pipeline.edgetpu.rewrite import rewrite_for_edgetpu
         from pipeline.edgetpu.run import run_edgetpu_stage
 
-        conv = ctx.get(CONVERT)
+        conv, rewrites = ctx.get(CONVERT), ctx.get(EXPORT).edgetpu_rewrites
+        model = ctx.load(ctx.get(FINETUNE).model_path)
+        if rewrites is not None:  # the layers as exported, so that each op is attributed to its own layer
+            model, _ = rewrite_for_edgetpu(model, ctx.example())
         figures = run_edgetpu_stage(
-            conv.tflite(ctx.target.quantize.ship), ctx.load(ctx.get(FINETUNE).model_path), ctx.example(), out,
-            sram_mb=ctx.target.hardware.edgetpu_sram_mb or 8.0, fixes=conv.fixes,
+            conv.tflite(ctx.target.quantize.ship), model, ctx.example(), out,
+            sram_mb=ctx.target.hardware.edgetpu_sram_mb or 8.0, fixes=conv.fixes, rewrites=rewrites,
         )  # fmt: skip
         return EdgetpuResult(out, figures)
 

@@ -11,6 +11,8 @@ from pipeline.stages.base import MODEL_FILE, Context, FlatResult, Stage
 from pipeline.stages.baseline import BASELINE
 from pipeline.stages.prune import PRUNE
 
+VAL_IMAGES = 2000  # validation images early stopping evaluates on
+
 
 @dataclass(frozen=True)
 class FinetuneOutcome(FlatResult):
@@ -20,6 +22,8 @@ class FinetuneOutcome(FlatResult):
     steps: int
     images_seen: int
     final_loss: float | None
+    best_step: int | None = None  # early stopping: the step whose checkpoint was kept
+    val_curve: tuple = ()  # (step, validation accuracy) at each evaluation
 
     @property
     def model_path(self) -> Path:
@@ -31,6 +35,7 @@ class FinetuneStage(Stage[FinetuneOutcome]):
 
     name = "finetune"
     result = FinetuneOutcome
+    version = 2  # min_steps, warm-up + cosine, early stopping on the validation split
 
     def inputs(self, ctx: Context) -> Mapping[str, Path]:
         return {"student": ctx.get(PRUNE).model_path, "teacher": ctx.get(BASELINE).model_path}
@@ -38,7 +43,7 @@ class FinetuneStage(Stage[FinetuneOutcome]):
     def config(self, ctx: Context) -> Mapping[str, Any]:
         t = ctx.target
         return {**t.finetune.model_dump(mode="json"), "seed": ctx.req.seed, "train": ctx.data.describe()["train"],
-                "pruning": t.pruning.enabled, **ctx.test_config()}  # fmt: skip
+                "pruning": t.pruning.enabled, "val": ctx.data.describe()["val"], **ctx.test_config()}  # fmt: skip
 
     def run(self, ctx: Context, out: Path) -> FinetuneOutcome:
         import torch
@@ -51,7 +56,9 @@ class FinetuneStage(Stage[FinetuneOutcome]):
         torch.manual_seed(ctx.req.seed)
         enabled = ctx.target.pruning.enabled
         if enabled:
-            result = finetune_kd(student, teacher, ctx.spec, ctx.data.train, ctx.target.finetune, seed=ctx.req.seed)
+            val = ctx.spec.batches(ctx.data.val, limit=VAL_IMAGES, seed=ctx.req.seed)
+            result = finetune_kd(student, teacher, ctx.spec, ctx.data.train, ctx.target.finetune, seed=ctx.req.seed,
+                                 val=val)  # fmt: skip
         model = result.model if enabled else student
         macs, params = count_macs_params(model, ctx.example())
         test = ctx.data.test
@@ -59,7 +66,8 @@ class FinetuneStage(Stage[FinetuneOutcome]):
         ctx.save(model, out / MODEL_FILE, {"stage": "finetune"})
         if not enabled:
             return FinetuneOutcome(out, acc, macs, params, 0, 0, None)
-        return FinetuneOutcome(out, acc, macs, params, result.steps, result.images_seen, result.final_loss)
+        return FinetuneOutcome(out, acc, macs, params, result.steps, result.images_seen, result.final_loss,
+                               result.best_step, tuple(map(list, result.val_curve)))  # fmt: skip
 
 
 FINETUNE = FinetuneStage()

@@ -1,5 +1,7 @@
-"""Stage `prune`: structured channel pruning to the profile's MAC/parameter target, or to its latency budget
-through the measured table (pipeline/pruning)."""
+"""Stage `prune`: structured channel pruning (pipeline/pruning) to the profile's MAC/parameter target, with
+channels allocated from the measured sensitivity, uniformly, or by Torch-Pruning's global ranking; or to its
+latency budget through the measured table. BatchNorm statistics are then re-estimated on training images and
+the validation accuracy right after pruning is recorded."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pipeline.stages.base import MODEL_FILE, Context, Stage
 from pipeline.stages.baseline import BASELINE
 from pipeline.stages.convert_baseline import CONVERT_BASELINE
 from pipeline.stages.latency_table import LATENCY_TABLE
+from pipeline.stages.sensitivity import SENSITIVITY, decision_batches
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,8 @@ class PruneOutcome:
     enabled: bool
     pruning: Mapping[str, Any] | None = None  # PruneResult.figures(): metric, keep_target/achieved, layers...
     latency: Mapping[str, Any] | None = None  # latency-aware pruning: budget, prediction, plan
-    accuracy_before_finetune: float | None = None
+    accuracy_before_finetune: float | None = None  # on the validation split, BatchNorm re-estimated
+    allocation: Mapping[str, Any] | None = None  # how the channels were shared out, and why
 
     @property
     def model_path(self) -> Path:
@@ -37,52 +41,67 @@ class PruneOutcome:
         if not self.enabled:
             return {"enabled": False}
         extra = {"latency": dict(self.latency)} if self.latency is not None else {}
-        return {"enabled": True, **dict(self.pruning or {}), **extra,
+        return {"enabled": True, **dict(self.pruning or {}), **extra, "allocation": dict(self.allocation or {}),
                 "accuracy_before_finetune": self.accuracy_before_finetune}  # fmt: skip
 
     @classmethod
     def from_json(cls, folder: Path, figures: Mapping[str, Any]) -> PruneOutcome:
         if not figures.get("enabled"):
             return cls(folder, False)
-        rest = {k: v for k, v in figures.items() if k not in ("enabled", "latency", "accuracy_before_finetune")}
-        return cls(folder, True, rest, figures.get("latency"), figures.get("accuracy_before_finetune"))
+        own = ("enabled", "latency", "accuracy_before_finetune", "allocation")
+        rest = {k: v for k, v in figures.items() if k not in own}
+        return cls(folder, True, rest, figures.get("latency"), figures.get("accuracy_before_finetune"),
+                   figures.get("allocation"))  # fmt: skip
 
 
 class PruneStage(Stage[PruneOutcome]):
     name = "prune"
     result = PruneOutcome
+    version = 2  # allocation figures; accuracy before fine-tuning on the validation split
 
     def inputs(self, ctx: Context) -> Mapping[str, Path]:
         out = {"model": ctx.get(BASELINE).model_path}
         if ctx.has(LATENCY_TABLE):
             base_tflite = ctx.get(CONVERT_BASELINE).tflite(ctx.target.quantize.ship)
             out |= {"table": ctx.get(LATENCY_TABLE).table_path, "baseline": base_tflite}
+        if ctx.has(SENSITIVITY):
+            out |= {"sensitivity": ctx.get(SENSITIVITY).folder / "manifest.json"}
         return out
 
     def config(self, ctx: Context) -> Mapping[str, Any]:
         t = ctx.target
-        return {**t.pruning.model_dump(mode="json"), **ctx.test_config(), "budget_ms": t.budgets.latency_ms}
+        return {**t.pruning.model_dump(mode="json"), "val": ctx.data.describe()["val"], "seed": ctx.req.seed,
+                "budget_ms": t.budgets.latency_ms}  # fmt: skip
 
     def run(self, ctx: Context, out: Path) -> PruneOutcome:
-        from pipeline.train.distill import accuracy, predict
+        from pipeline.pruning.calibrate import evaluate, recalibrate_bn
 
         model = ctx.load(ctx.get(BASELINE).model_path)
         if not ctx.target.pruning.enabled:
             ctx.save(model, out / MODEL_FILE, {"stage": "prune", "pruned": False})
             return PruneOutcome(out, False)
-        result, latency = self._prune(ctx, model)
-        test = ctx.data.test
-        acc = accuracy(predict(result.model, ctx.spec, test), test.labels)
+        val, bn = decision_batches(ctx)
+        result, latency, allocation = self._prune(ctx, model, val)
+        if ctx.target.pruning.recalibrate_bn:
+            recalibrate_bn(result.model, bn)
+        _, acc = evaluate(result.model, val, reference=model if val and val[0][1] is None else None)
         ctx.save(result.model, out / MODEL_FILE, {"stage": "prune", **result.figures()})
-        return PruneOutcome(out, True, result.figures(), latency, acc)
+        return PruneOutcome(out, True, result.figures(), latency, acc, allocation)
 
     @staticmethod
-    def _prune(ctx: Context, model: Any) -> tuple[Any, Mapping[str, Any] | None]:
-        t = ctx.target
+    def _prune(ctx: Context, model: Any, val: list[Any]) -> tuple[Any, Mapping[str, Any] | None, dict[str, Any]]:
+        t, p = ctx.target, ctx.target.pruning
+        if ctx.has(SENSITIVITY):
+            from pipeline.pruning.sensitivity import allocate
+
+            _, bn = decision_batches(ctx)
+            result, fig = allocate(model, ctx.example(), p, ctx.get(SENSITIVITY).curves(), val=val, bn=bn)
+            return result, None, {"method": "sensitivity", **fig}
         if not ctx.has(LATENCY_TABLE):
             from pipeline.pruning.channels import prune_to_target
 
-            return prune_to_target(model, ctx.example(), t.pruning), None
+            method = "global" if p.global_pruning else "uniform"
+            return prune_to_target(model, ctx.example(), p, batches=val), None, {"method": method}
         from pipeline.bench import bench_settings, profile_local
         from pipeline.latency.table import LatencyTable
         from pipeline.pruning.latency import prune_to_latency
@@ -90,9 +109,9 @@ class PruneStage(Stage[PruneOutcome]):
         base_tflite = ctx.get(CONVERT_BASELINE).tflite(t.quantize.ship)
         measured = profile_local(base_tflite, bench_settings(t, on_host=True))["latency_ms"]["p50"]
         table = LatencyTable.load(ctx.get(LATENCY_TABLE).table_path)
-        lp = prune_to_latency(model, ctx.example(), table, t.pruning, budget_ms=t.budgets.latency_ms,
+        lp = prune_to_latency(model, ctx.example(), table, p, budget_ms=t.budgets.latency_ms,
                               measured_full_ms=measured)  # fmt: skip
-        return lp.result, lp.figures
+        return lp.result, lp.figures, {"method": "latency table"}
 
 
 PRUNE = PruneStage()

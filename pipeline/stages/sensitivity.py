@@ -1,0 +1,71 @@
+"""Stage `sensitivity`: each prunable group pruned alone to each level, BatchNorm re-estimated, validation loss
+and accuracy measured (pipeline/pruning/sensitivity.py). Only for `pruning.allocation: sensitivity` with a
+MAC or parameter target; the prune stage spends its cut where these curves say it costs least."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.stages.base import Context, Stage
+from pipeline.stages.baseline import BASELINE
+
+BN_IMAGES = 1000  # training images BatchNorm statistics are re-estimated on
+
+
+@dataclass(frozen=True)
+class SensitivityResult:
+    folder: Path
+    base: Mapping[str, Any]  # the unpruned model: validation loss, accuracy, MACs, params
+    groups: Mapping[str, Any]  # group root -> {"channels", "levels": [{keep, loss, accuracy, macs, params}]}
+    val_images: int
+
+    def curves(self) -> dict[str, Any]:
+        return {"base": dict(self.base), "groups": dict(self.groups), "val_images": self.val_images}
+
+    def to_json(self) -> dict[str, Any]:
+        return self.curves()
+
+    @classmethod
+    def from_json(cls, folder: Path, figures: Mapping[str, Any]) -> SensitivityResult:
+        return cls(folder, figures["base"], figures["groups"], figures["val_images"])
+
+
+def decision_batches(ctx: Context) -> tuple[list[Any], list[Any]]:
+    """(validation batches, BatchNorm batches from train) for the pruning decisions; never the test split."""
+    p = ctx.target.pruning
+    val = ctx.spec.batches(ctx.data.val, limit=p.sensitivity.images, seed=ctx.req.seed)
+    bn = ctx.spec.batches(ctx.data.train, limit=BN_IMAGES, seed=ctx.req.seed + 1)
+    return val, bn
+
+
+class SensitivityStage(Stage[SensitivityResult]):
+    name = "sensitivity"
+    result = SensitivityResult
+
+    def applies(self, ctx: Context) -> bool:
+        p = ctx.target.pruning
+        return p.enabled and p.allocation == "sensitivity" and p.target.metric in ("macs", "params")
+
+    def inputs(self, ctx: Context) -> Mapping[str, Path]:
+        return {"model": ctx.get(BASELINE).model_path}
+
+    def config(self, ctx: Context) -> Mapping[str, Any]:
+        p = ctx.target.pruning
+        return {"importance": p.importance, "multiple": p.channel_multiple, "max_ratio": p.max_layer_ratio,
+                "keep_layers": p.keep_layers, "sensitivity": p.sensitivity.model_dump(mode="json"),
+                "recalibrate_bn": p.recalibrate_bn, "val": ctx.data.describe()["val"], "bn_images": BN_IMAGES,
+                "seed": ctx.req.seed}  # fmt: skip
+
+    def run(self, ctx: Context, out: Path) -> SensitivityResult:
+        from pipeline.pruning.sensitivity import measure_sensitivity
+
+        val, bn = decision_batches(ctx)
+        model = ctx.load(ctx.get(BASELINE).model_path)
+        sens = measure_sensitivity(model, ctx.example(), ctx.target.pruning, val=val, bn=bn)
+        return SensitivityResult(out, sens["base"], sens["groups"], sens["val_images"])
+
+
+SENSITIVITY = SensitivityStage()
