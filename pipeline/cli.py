@@ -122,119 +122,35 @@ def _ssh_options(args: argparse.Namespace):
     return SshOptions(known_hosts=args.known_hosts, identity=args.identity)
 
 
-def _model_spec(args: argparse.Namespace):
-    from pipeline.models.classes import check_classes, read_classes_file
-    from pipeline.models.zoo import get_model_spec, user_model_spec
-
-    if ":" not in args.model:
-        if args.classes is not None:
-            raise UsageError("--classes is for your own model (--model module:factory); built-in models name theirs")
-        return get_model_spec(args.model)
-    if args.input_shape is None or args.mean is None or args.std is None:
-        raise UsageError("a user model (--model module:factory) also needs --input-shape, --mean and --std")
-    if args.data is None:
-        raise UsageError("a user model needs --data DIR with DIR/train/<class>/ and DIR/test/<class>/ images")
-    if args.classes is not None:
-        classes = read_classes_file(args.classes)
-    elif (args.data / "train").is_dir():
-        classes = tuple(sorted(p.name for p in (args.data / "train").iterdir() if p.is_dir()))
-    else:
-        from pipeline.errors import DatasetError
-
-        raise DatasetError(f"{args.data / 'train'}: no such folder; --data DIR needs DIR/train/<class>/ images")
-    spec = user_model_spec(args.model, input_shape=args.input_shape, mean=args.mean, std=args.std, class_names=classes)
-    where = f"--classes {args.classes}" if args.classes else f"{args.data / 'train'}"
-    check_classes(spec, where=where, from_file=args.classes is not None)
-    return spec
-
-
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from pipeline.data.sources import DataPlan
+    from pipeline.api import CLI, build_request, printing_progress
     from pipeline.deploy import deploy
-    from pipeline.request import DeployRequest
-    from pipeline.targets import load_target
 
-    target = load_target(args.target, overrides=tuple(args.overrides))
-    spec = _model_spec(args)
-    if args.test_images is not None and args.test_images < 1:
-        raise UsageError("--test-images must be at least 1")
-    plan = DataPlan(spec, data_dir=args.data, calibration_path=args.calibration, test_limit=args.test_images)
-    req = DeployRequest(
-        target=target,
-        spec=spec,
-        checkpoint=args.checkpoint,
-        data=plan,
-        runs_dir=args.runs_dir,
-        artifacts_dir=args.artifacts_dir,
-        force=args.force,
-        allow_budget_miss=args.allow_budget_miss,
-        devices=args.device,
-        ssh_options=_ssh_options(args),
-    )
-    print(f"edgeship: deploying {spec.name} for {target.name} ({target.description})", file=sys.stderr)
+    req = build_request(args.model, args.target, data=args.data, checkpoint=args.checkpoint, classes=args.classes,
+                        calibration=args.calibration, input_shape=args.input_shape, mean=args.mean, std=args.std,
+                        test_images=args.test_images, overrides=tuple(args.overrides), device=args.device,
+                        ssh_options=_ssh_options(args), runs_dir=args.runs_dir, artifacts_dir=args.artifacts_dir,
+                        force=args.force, allow_budget_miss=args.allow_budget_miss, spelling=CLI)  # fmt: skip
+    print(f"edgeship: deploying {req.spec.name} for {req.target.name} ({req.target.description})", file=sys.stderr)
     start = time.perf_counter()
-
-    def on_stage(name: str, rec) -> None:
-        state = "up to date" if rec.skipped else f"done in {rec.seconds:.1f} s"
-        print(f"  [{name:<17}] {state}", file=sys.stderr)
-
-    result = deploy(req, on_stage)
-    print(_summary_table(result.summary), file=sys.stderr)
+    result = deploy(req, printing_progress())
+    print(result.table(), file=sys.stderr)
     print(f"bundle: {result.bundle}  report: {result.report}  ({time.perf_counter() - start:.0f} s)")
     return 0
 
 
-def _summary_table(s) -> str:
-    rows = [("variant", "size B", "accuracy", "agreement", "p50 ms", "p99 ms")]
-    b = s["baseline"]["tflite"]
-    rows.append(
-        (
-            f"unpruned {s['shipped_precision']}",
-            f"{b['size_bytes']:,}",
-            f"{b['accuracy']:.4f}",
-            f"{b['agreement']:.4f}",
-            f"{b['latency_ms']['p50']:.3f}",
-            f"{b['latency_ms']['p99']:.3f}",
-        )
-    )
-    for p, v in s["variants"].items():
-        rows.append(
-            (
-                f"pruned {p}",
-                f"{v['size_bytes']:,}",
-                f"{v['accuracy']:.4f}",
-                f"{v['agreement']:.4f}",
-                f"{v['latency_ms']['p50']:.3f}",
-                f"{v['latency_ms']['p99']:.3f}",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    for bud in s["budgets"]:
-        out.append(f"budget {bud['name']}: {bud['value']} (limit {bud['limit']}) {bud['status']}")
-    return "\n".join(out)
-
-
 def cmd_profile(args: argparse.Namespace) -> int:
     """Profile the bundle's model (or --model-file) on the devices; one table row per device and file."""
-    from pipeline.bench import bench_settings
-    from pipeline.devices import from_profile, parse_devices
-    from pipeline.devices.record import FILE_NAME, profile_and_record
+    from pipeline.api import profile_files, record_path
     from pipeline.errors import DevicesFailed
     from pipeline.targets import load_target
 
     t = load_target(args.target, overrides=tuple(args.overrides))
     files = args.model_file or [args.artifacts_dir / t.name / "model.tflite"]
-    for f in files:
-        if not f.is_file():
-            raise UsageError(f"{f}: no such model; run `make deploy TARGET={t.name}` first or give --model-file")
-    specs = parse_devices(args.device, t.transport) if args.device else (from_profile(t.transport, target=t.name),)
-    names = {f"{i}:{f.name}" if len(files) > 1 else f.name: f for i, f in enumerate(files)}
-    dest = args.runs_dir / t.name / FILE_NAME  # beside the run, not inside the checksummed bundle
+    dest = record_path(t, args.runs_dir)  # beside the run, not inside the checksummed bundle
     failure: DevicesFailed | None = None
     try:
-        runs = profile_and_record(names, bench_settings(t, on_host=False), specs, record=dest,
-                                  ssh_options=_ssh_options(args))  # fmt: skip
+        runs = profile_files(t, files, args.device, runs_dir=args.runs_dir, ssh_options=_ssh_options(args))
     except DevicesFailed as exc:
         failure, runs = exc, exc.runs
     for name, run in runs.items():

@@ -72,7 +72,7 @@ class Sensitivity(_Frozen):
     channels removed), BatchNorm re-estimated, then validation loss and accuracy on `images` images."""
 
     levels: tuple[float, ...] = (0.25, 0.5, 0.75)
-    images: int = Field(default=1000, ge=16, le=50_000)
+    images: int = Field(default=300, ge=16, le=50_000)
 
     @model_validator(mode="after")
     def _levels(self) -> Sensitivity:
@@ -292,6 +292,16 @@ def load_target(
     data = _read_yaml(path)
     if not isinstance(data, dict):
         raise TargetConfigError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    return validate_profile(data, path, overrides)
+
+
+def override_target(profile: TargetProfile, overrides: tuple[str, ...]) -> TargetProfile:
+    """`profile` with `field.path=value` settings applied, checked exactly like `load_target(overrides=...)`."""
+    return validate_profile(profile.model_dump(mode="json"), Path(f"profile {profile.name}"), overrides)
+
+
+def validate_profile(data: dict[str, Any], path: Path, overrides: tuple[str, ...] = ()) -> TargetProfile:
+    """A profile from `data` (read from `path`, named in every error), overrides applied."""
     # JSON mode: strict types (no "4" for 4), YAML lists accepted where a tuple is declared.
     data = _plain(data, path)
     for item in overrides:

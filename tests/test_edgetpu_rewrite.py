@@ -20,6 +20,7 @@ from torch import nn
 from pipeline.edgetpu.budget import ROW_NAME, edgetpu_budget_rows, edgetpu_hint
 from pipeline.edgetpu.rewrite import SplitConv2d, rewrite_for_edgetpu
 from pipeline.errors import ExportError, TargetConfigError
+from pipeline.models.fmnist_cnn import FmnistCNN
 from pipeline.models.spec import ModelSpec
 from pipeline.targets import TARGETS_DIR, load_target
 from tests.conftest import needs_fmnist
@@ -63,6 +64,14 @@ class EluCNN(nn.Module):
         return self.head(self.mid(self.stem(x)))
 
 
+class GeluCNN(EluCNN):
+    """nn.GELU where EluCNN has nn.ELU: onnx2tf's int8 file needs a Flex (TensorFlow) Erf op."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__(classes)
+        self.mid[2] = nn.GELU()
+
+
 class WSConv2d(nn.Conv2d):
     """Weight-standardized convolution (BiT / NFNet): its forward is not nn.Conv2d's."""
 
@@ -81,12 +90,13 @@ class Mixed(nn.Module):
         self.g = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32), nn.Hardsigmoid())
         self.refl = nn.Conv2d(32, 32, 3, padding=2, dilation=2, groups=2, padding_mode="reflect")
         self.rep = nn.ReplicationPad2d((1, 2, 0, 1))
+        self.circ = nn.CircularPad2d(1)
         self.dw = nn.Conv2d(32, 32, 3, groups=32)
         self.act = nn.GELU()
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.act(self.dw(self.rep(self.refl(self.g(self.stem(x)))))))
+        return self.head(self.act(self.dw(self.circ(self.rep(self.refl(self.g(self.stem(x))))))))
 
 
 def _spec(name: str, build) -> ModelSpec:
@@ -109,13 +119,13 @@ def _max_diff(a: nn.Module, b: nn.Module, n: int = 64, seed: int = 1) -> float:
         return float((a(x) - b(x)).abs().max())
 
 
-def _train(model: nn.Module, *, steps: int = 200, seed: int = 0) -> nn.Module:
-    """Seeded Adam on 3000 real Fashion-MNIST images: far from converged, with real activation ranges."""
-    data = read_fashion_mnist("train", 3000)
+def _train(model: nn.Module, *, steps: int = 200, lr: float = 3e-3, images: int = 3000, seed: int = 0) -> nn.Module:
+    """Seeded Adam on real Fashion-MNIST images: far from converged, with real activation ranges."""
+    data = read_fashion_mnist("train", images)
     spec = _spec("train", lambda: model)
     x, y = spec.to_tensor(data.images), torch.from_numpy(data.labels)
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
@@ -139,9 +149,11 @@ def test_rewrites_are_exact_and_name_the_layer_they_touched() -> None:
         ("g.2", "hardsigmoid-relu6"),
         ("refl", "pad-as-slices+grouped-conv-split"),
         ("rep", "pad-as-slices"),
+        ("circ", "pad-as-slices"),
     ]
-    assert report.applied[0].before == "Conv2d(16, 32, kernel_size=(3, 3), groups=4)"
-    assert report.applied[0].after == "torch.split + 4 x Conv2d(4, 8) + torch.cat"
+    assert report.applied[0].before == "Conv2d(16, 32, kernel_size=(3, 3), groups=4) + BatchNorm2d `g.1`"
+    assert report.applied[0].after == "torch.split + 4 x Conv2d(4, 8) + torch.cat (BatchNorm2d `g.1` folded in)"
+    assert isinstance(new.g[1], nn.Identity)  # folded into the split convs: nothing left after the concat
     # numerically the same model: per layer and as a whole, on 64 fresh random inputs
     assert all(r.max_abs_diff <= 1e-5 for r in report.applied)
     assert report.model_max_abs_diff <= 1e-5
@@ -150,7 +162,7 @@ def test_rewrites_are_exact_and_name_the_layer_they_touched() -> None:
     convs = {n: m for n, m in new.named_modules() if isinstance(m, nn.Conv2d)}
     assert all(m.groups in (1, m.in_channels) for m in convs.values())
     assert convs["dw"].groups == 32 and isinstance(new.g[0], SplitConv2d) and len(new.g[0].convs) == 4
-    assert not any(isinstance(m, nn.Hardsigmoid | nn.ReplicationPad2d) for m in new.modules())
+    assert not any(isinstance(m, nn.Hardsigmoid | nn.ReplicationPad2d | nn.CircularPad2d) for m in new.modules())
     assert all(m.padding_mode == "zeros" for m in convs.values())
     # GELU has no exact rewrite: a suggestion, the layer stays
     assert [(s.layer, s.layer_type) for s in report.suggestions] == [("act", "GELU")]
@@ -203,8 +215,8 @@ def test_torch_pruning_cuts_grouped_convs_group_by_group_and_the_rewrite_still_a
     assert _max_diff(model, pruned) <= 1e-5
     new, report = rewrite_for_edgetpu(pruned, EXAMPLE)
     assert [(r.layer, r.after) for r in report.applied] == [
-        ("g1.0", "torch.split + 4 x Conv2d(4, 7) + torch.cat"),
-        ("g2.0", "torch.split + 2 x Conv2d(14, 16) + torch.cat"),
+        ("g1.0", "torch.split + 4 x Conv2d(4, 7) + torch.cat (BatchNorm2d `g1.1` folded in)"),
+        ("g2.0", "torch.split + 2 x Conv2d(14, 16) + torch.cat (BatchNorm2d `g2.1` folded in)"),
     ]
     assert _max_diff(pruned, new) <= 1e-5
 
@@ -286,6 +298,38 @@ def _convert(model: nn.Module, name: str, out: Path, precisions: list[str]) -> d
     return convert_tflite(onnx, spec, out, precisions=precisions, calibration=calib, int8_io="uint8")
 
 
+# The default model with four of its convolutions grouped (ResNeXt style), each initialised with the
+# block-diagonal part of the trained dense one (models/fmnist_cnn.pt) and fine-tuned: a trained grouped model
+# in seconds, with the margins of a trained one (a grouped net trained from scratch for a few hundred steps
+# reaches ~75% and its int8 file agrees with it on only ~98% of the images, grouped or rewritten alike).
+GROUPS = {"stem.3": 4, "block.0": 2, "block.3": 4, "head.1": 2}
+
+
+class GroupedFmnistCNN(FmnistCNN):
+    def __init__(self) -> None:
+        super().__init__()
+        for name, g in GROUPS.items():
+            c = self.get_submodule(name)
+            parent, _, child = name.rpartition(".")
+            conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, padding=c.padding, groups=g, bias=False)
+            setattr(self.get_submodule(parent), child, conv)
+
+
+def _grouped_fmnist(steps: int = 100) -> GroupedFmnistCNN:
+    from pipeline.models.checkpoint import load_checkpoint
+    from pipeline.models.fmnist_cnn import build
+
+    dense, _ = load_checkpoint(REPO / "models" / "fmnist_cnn.pt", build())
+    state = dense.state_dict()
+    for name, g in GROUPS.items():
+        w = state[f"{name}.weight"]
+        o, i = w.shape[0] // g, w.shape[1] // g
+        state[f"{name}.weight"] = torch.cat([w[k * o : (k + 1) * o, k * i : (k + 1) * i] for k in range(g)])
+    model = GroupedFmnistCNN()
+    model.load_state_dict(state)
+    return _train(model, steps=steps, lr=1e-3, images=6000)
+
+
 @pytest.mark.slow
 @needs_fmnist
 def test_grouped_model_is_refused_as_it_is_and_fully_mapped_once_rewritten(tmp_path: Path) -> None:
@@ -293,36 +337,79 @@ def test_grouped_model_is_refused_as_it_is_and_fully_mapped_once_rewritten(tmp_p
     from pipeline.edgetpu.run import run_edgetpu_stage
     from pipeline.verification import verify_tflite
 
-    torch.manual_seed(0)
-    model = _train(GroupedCNN())
-    before = analyze(_convert(model, "grouped", tmp_path / "before", ["int8"])["int8"].path)
+    model = _grouped_fmnist()
+    spec, test = _spec("grouped", GroupedFmnistCNN), read_fashion_mnist("test", 1000)
+    files_before = _convert(model, "grouped", tmp_path / "before", ["int8"])
+    before = analyze(files_before["int8"].path)
     assert [b.message.split(":")[0] for b in before.blockers] == ["CONV_2D version 6"]
     assert not before.fully_mapped and before.first_fallback.op == "CONV_2D"
     assert "grouped convolution (4 groups" in before.first_fallback.reasons[0]
     assert before.tpu_ops < len(before.ops) // 2
 
     new, report = rewrite_for_edgetpu(model, EXAMPLE)
-    assert [r.layer for r in report.applied] == ["g1.0", "g2.0"] and _max_diff(model, new) <= 1e-5
+    assert [r.layer for r in report.applied] == list(GROUPS)
+    assert all("folded in" in r.after for r in report.applied)  # each conv's BatchNorm went into its split convs
+    torch_diff = _max_diff(model, new)
+    assert torch_diff <= 1e-5 and report.model_max_abs_diff <= 1e-5
     files = _convert(new, "grouped-rewritten", tmp_path / "after", ["fp32", "int8"])
     after = analyze(files["int8"].path)
     assert after.fully_mapped and after.blockers == () and after.cpu_ops == 0
     assert max(o.version for o in after.ops if o.op == "CONV_2D") < 6
     # the converted files against the original (grouped) PyTorch model, on 1000 real test images
-    test = read_fashion_mnist("test", 1000)
-    parity = verify_tflite(files, model, _spec("grouped", GroupedCNN), test)
+    parity = verify_tflite(files, model, spec, test)
     fp32, int8 = parity.record("fp32"), parity.record("int8")
-    assert fp32.max_abs_diff <= 1e-4 and fp32.agreement == 1.0
+    assert fp32.max_abs_diff <= 1e-5 and fp32.agreement == 1.0
     assert int8.agreement >= 0.99, int8
-    # the stage attributes every op of the rewritten file to a layer of the rewritten model
-    figs = run_edgetpu_stage(files["int8"].path, new, EXAMPLE, tmp_path / "stage", sram_mb=8.0, fixes={},
-                             rewrites=report.to_dict())  # fmt: skip
-    ops = json.loads((tmp_path / "stage" / "edgetpu.json").read_text())["analysis"]["ops"]
-    convs = [o["pytorch_layer"] for o in ops if o["op"] == "CONV_2D"]
-    assert convs == ["stem.0", *(f"g1.0.convs.{i}" for i in range(4)), "g2.0.convs.0", "g2.0.convs.1"]
+    unrewritten = verify_tflite(files_before, model, spec, test).record("int8")
+    # the stage attributes every conv of the rewritten file to its own layer of the rewritten model
+    run_edgetpu_stage(files["int8"].path, new, EXAMPLE, tmp_path / "stage", sram_mb=8.0, fixes={},
+                      rewrites=report.to_dict())  # fmt: skip
+    figs = json.loads((tmp_path / "stage" / "edgetpu.json").read_text())
+    convs = [o for o in figs["analysis"]["ops"] if o["op"] == "CONV_2D"]
+    assert all(o["pytorch_layer_how"] == "weight shape" for o in convs)
+    want = {f"{name}.convs.{k}" for name, g in GROUPS.items() for k in range(g)} | {"stem.0", "shortcut.0"}
+    assert {o["pytorch_layer"] for o in convs} == want
+    assert figs["rewrites"]["applied"][0]["layer"] == "stem.3"
     assert edgetpu_budget_rows(load_target("coral").budgets, figs)[0]["status"] == "met"
-    print(f"grouped: before {before.tpu_ops}/{len(before.ops)} ops mapped (refused), after {after.tpu_ops}/"
-          f"{len(after.ops)}; torch max diff {_max_diff(model, new):.2g}; fp32 tflite {fp32.max_abs_diff:.2g}; "
-          f"int8 agreement {int8.agreement:.4f}, accuracy {int8.accuracy:.3f}")  # fmt: skip
+    print(f"grouped fmnist_cnn: before {before.tpu_ops}/{len(before.ops)} ops mapped (refused: CONV_2D v6), "
+          f"after {after.tpu_ops}/{len(after.ops)}; torch max diff {torch_diff:.2g}; fp32 tflite max diff "
+          f"{fp32.max_abs_diff:.2g}; int8 agreement {int8.agreement:.3f} (unrewritten {unrewritten.agreement:.3f}),"
+          f" int8 accuracy {int8.accuracy:.3f}, torch {parity.torch_accuracy:.3f}")  # fmt: skip
+
+
+class PadAct(nn.Module):
+    """nn.Hardsigmoid (RELU_0_TO_1 once converted) and reflect/replicate/circular padding (MIRROR_PAD)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_cbr(1, 16), nn.MaxPool2d(2))
+        self.gate = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"), nn.Hardsigmoid())
+        self.pads = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(16, 16, 3), nn.CircularPad2d(1))
+        self.head = nn.Sequential(nn.Conv2d(16, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(16, 10))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pads(self.gate(self.stem(x))))
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_hardsigmoid_and_reflect_replicate_circular_padding_map_once_rewritten(tmp_path: Path) -> None:
+    from pipeline.edgetpu import analyze
+
+    torch.manual_seed(0)
+    model = _randomize_bn(PadAct())
+    before = analyze(_convert(model, "padact", tmp_path / "before", ["int8"])["int8"].path)
+    assert before.first_fallback.op in ("MIRROR_PAD", "RELU_0_TO_1") and not before.fully_mapped
+    assert {"MIRROR_PAD", "RELU_0_TO_1"} <= {o.op for o in before.ops}
+    new, report = rewrite_for_edgetpu(model, EXAMPLE)
+    assert [r.layer for r in report.applied] == ["gate.0", "gate.1", "pads.0", "pads.2"]
+    assert _max_diff(model, new) <= 1e-5
+    after = analyze(_convert(new, "padact-rewritten", tmp_path / "after", ["int8"])["int8"].path)
+    assert after.fully_mapped and after.cpu_ops == 0
+    assert not {"MIRROR_PAD", "RELU_0_TO_1"} & {o.op for o in after.ops}
+    print(f"pad/hardsigmoid: before {before.tpu_ops}/{len(before.ops)} ops mapped, after {after.tpu_ops}/"
+          f"{len(after.ops)}")  # fmt: skip
 
 
 @pytest.mark.slow
@@ -389,7 +476,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _deploy(ws: dict[str, Path], name: str, runs: Path, art: Path, *extra: str) -> subprocess.CompletedProcess:
-    model = {"grouped": "GroupedCNN", "elu": "EluCNN"}[name]
+    model = {"grouped": "GroupedCNN", "elu": "EluCNN", "gelu": "GeluCNN"}[name]
     argv = [sys.executable, "-m", "pipeline", "deploy", "--target", str(ws["profile"]),
             "--model", f"tests.test_edgetpu_rewrite:{model}", "--checkpoint", str(ws[name]),
             "--data", str(ws["data"]), "--input-shape", "1x28x28", "--mean", "0.286", "--std", "0.353",
@@ -416,7 +503,8 @@ def test_deploy_of_a_grouped_model_for_coral_rewrites_it_and_ships_it_fully_mapp
     pruned = {r["name"]: r for r in summary["pruned"]["layers"]}
     assert pruned["g1.0"]["after"] < pruned["g1.0"]["before"] and pruned["g1.0"]["after"] % 4 == 0
     report = (art / "tinycoral" / "report.md").read_text()
-    assert "- Rewritten before export: `g1.0` Conv2d(" in report and "groups=4) -> torch.split + 4 x Conv2d(" in report
+    assert "- Rewritten before export: `g1.0` Conv2d(" in report
+    assert "groups=4) + BatchNorm2d `g1.1` -> torch.split + 4 x Conv2d(" in report
     assert "Rewritten before export: <code>g1.0</code>" in (art / "tinycoral" / "report.html").read_text()
     # the verify stage checked the converted files against the model as it was (grouped)
     ver = summary["variants"]["int8"]
@@ -455,3 +543,21 @@ def test_deploy_of_a_model_the_edge_tpu_cannot_map_exits_3_and_publishes_nothing
     assert f"| {ROW_NAME} | 1.0 | {row['value']} | **missed** |" in (art / "tinycoral" / "report.md").read_text()
     print(f"deploy elu: {et['tpu_ops']}/{et['tpu_ops'] + et['cpu_ops']} ops mapped, first fallback op "
           f"#{fb['op_index']} {fb['op']} at {fb['layer']}")  # fmt: skip
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_deploy_of_a_gelu_model_for_coral_stops_at_conversion_naming_the_layer(workspace: dict) -> None:
+    """No exit 3 here: the int8 conversion itself fails (exit 1) before any budget, and says which layer."""
+    from pipeline.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(GeluCNN().eval(), workspace["root"] / "gelu.pt", meta={"model": "gelu"})
+    ws = {**workspace, "gelu": workspace["root"] / "gelu.pt"}
+    runs, art = workspace["root"] / "runs-gelu", workspace["root"] / "art-gelu"
+    proc = _deploy(ws, "gelu", runs, art, "--set", "pruning.enabled=false")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = " ".join(proc.stderr.split())
+    assert "FlexErf" in err and "Traceback" not in err
+    assert "no exact rewrite replaces: `mid.2` (GELU): nn.GELU is not supported: use nn.ReLU" in err
+    assert not art.exists()

@@ -35,8 +35,8 @@ from tests.tiny_models import has_fashion_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = "tinyfault"
-STAGES = ["baseline", "export_baseline", "convert_baseline", "sensitivity", "prune", "finetune", "export", "convert", "verify",
-          "profile"]  # fmt: skip
+STAGES = ["baseline", "export_baseline", "convert_baseline", "sensitivity", "prune", "finetune", "export",
+          "convert", "verify", "profile"]  # fmt: skip
 # A folder name that runs commands if any part of the pipeline ever hands a path to a shell as code, unquoted
 # (pwned1-4), in double quotes (pwned2, 3, 5) or in single quotes (pwned6); its quotes balance in each of these,
 # so the shell runs the payloads rather than stopping at a syntax error (test_the_hostile_name_runs_in_a_shell).

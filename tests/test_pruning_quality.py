@@ -172,3 +172,20 @@ def test_finetune_runs_at_least_min_steps_and_keeps_the_best_validation_checkpoi
     curve = dict(result.val_curve)
     assert curve[result.best_step] == max(curve.values())  # the best evaluation is the one kept
     assert evaluate(result.model, val)[1] == pytest.approx(curve[result.best_step], abs=1e-6)
+
+
+def test_the_report_plots_the_sensitivity_per_layer() -> None:
+    from pipeline.report import figures
+    from pipeline.report.html import render_html
+
+    model = tiny_resnet()
+    batches = SPEC.batches(_images(64), batch_size=32)
+    cfg = load_target("rpi", overrides=("pruning.channel_multiple=4",)).pruning
+    sens = measure_sensitivity(model, EXAMPLE, cfg, val=batches, bn=batches)
+    assert set(sens["groups"]) and all(len(g["levels"]) == 3 for g in sens["groups"].values())
+    assert all(r["macs"] < sens["base"]["macs"] for g in sens["groups"].values() for r in g["levels"])
+    png = figures.sensitivity({"sensitivity": sens})
+    assert png is not None and png.startswith(b"\x89PNG")
+    assert figures.sensitivity({"sensitivity": None}) is None
+    page = render_html({"sensitivity": sens, "pruned": {"allocation": "sensitivity"}})
+    assert "Sensitivity per layer" in page and "data:image/png;base64," in page

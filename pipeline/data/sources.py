@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -19,7 +19,10 @@ FMNIST_CALIBRATION = REPO / "calibration_data" / "fashion_mnist_train_500.npz"
 
 @dataclass(frozen=True)
 class DataPlan:
-    """Where each split comes from. Loaded lazily: a skipped stage never reads its data."""
+    """Where each split comes from. Loaded lazily: a skipped stage never reads its data.
+
+    The `*_set` fields are splits already in memory (the Python API's Datasets, pipeline/data/dataset.py),
+    labelled with the model's classes and named with their fingerprint; each one given replaces its source."""
 
     spec: ModelSpec
     data_dir: Path | None = None
@@ -28,18 +31,27 @@ class DataPlan:
     val_fraction: float = 0.1  # of train, per class, held out for every decision (never trained on)
     val_max: int = 5000
     val_seed: int = 0
+    train_set: ImageSet | None = field(default=None, repr=False, compare=False)
+    val_set: ImageSet | None = field(default=None, repr=False, compare=False)
+    test_set: ImageSet | None = field(default=None, repr=False, compare=False)
+    calibration_set: ImageSet | None = field(default=None, repr=False, compare=False)
 
     def describe(self) -> dict[str, str]:
         train = self._name("train")
+        carved = f"{train}: {self.val_fraction:g} of each class (at most {self.val_max} images), seed {self.val_seed}"
         return {
-            "train": f"{train} minus the validation split",
-            "val": f"{train}: {self.val_fraction:g} of each class (at most {self.val_max} images), seed "
-            f"{self.val_seed}",
+            "train": train if self.val_set is not None else f"{train} minus the validation split",
+            "val": self.val_set.source if self.val_set is not None else carved,
             "test": self._name("test"),
-            "calibration": str(self.calibration_file),
+            "calibration": str(self.calibration_file) if self.calibration_set is None else self.calibration_set.source,
         }
 
+    def _given(self, split: str) -> ImageSet | None:
+        return {"train": self.train_set, "test": self.test_set}[split]
+
     def _name(self, split: str) -> str:
+        if (given := self._given(split)) is not None:
+            return given.source
         return str(self.data_dir / split) if self.data_dir else f"fashion-mnist:{split}"
 
     @property
@@ -51,6 +63,8 @@ class DataPlan:
         return self.data_dir / "calibration"
 
     def _load(self, split: str) -> ImageSet:
+        if (given := self._given(split)) is not None:
+            return given
         if self.data_dir is None:
             if self.spec.input_shape != (1, 28, 28):
                 raise DatasetError(
@@ -90,6 +104,9 @@ class DataPlan:
     def _split(self) -> tuple[ImageSet, ImageSet]:
         data = self._load("train")
         self.spec.check_images(data)
+        if self.val_set is not None:
+            self.spec.check_images(self.val_set)
+            return data, self.val_set
         return split_validation(data, fraction=self.val_fraction, max_images=self.val_max, seed=self.val_seed)
 
     @property
@@ -113,7 +130,9 @@ class DataPlan:
     @cached_property
     def calibration(self) -> ImageSet:
         path = self.calibration_file
-        if path.is_dir():
+        if self.calibration_set is not None:
+            data = self.calibration_set
+        elif path.is_dir():
             from pipeline.data.image_folder import load_image_folder
 
             c, h, w = self.spec.input_shape

@@ -25,7 +25,7 @@ it gets in the model, then the whole rewritten model against the original. A max
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -276,6 +276,16 @@ def suggestions(model: nn.Module) -> tuple[Suggestion, ...]:
     return tuple(out)
 
 
+def suggestions_text(rewrites: Mapping[str, Any] | None) -> str:
+    """For an error message: the layers the Edge TPU cannot run that no exact rewrite replaces, or ""."""
+    rows = (rewrites or {}).get("suggestions") or []
+    if not rows:
+        return ""
+    return " Layers the Edge TPU cannot run and no exact rewrite replaces: " + "; ".join(
+        f"`{r['layer']}` ({r['layer_type']}): {r['what_to_change']}" for r in rows
+    )
+
+
 def rewrite_for_edgetpu(model: nn.Module, example: torch.Tensor, *, seed: int = 0) -> tuple[nn.Module, RewriteReport]:
     """A rewritten copy of `model` (left untouched) with every exact Edge TPU rewrite applied, and the report.
 
@@ -290,17 +300,52 @@ def rewrite_for_edgetpu(model: nn.Module, example: torch.Tensor, *, seed: int = 
     for name, m in list(model.named_modules()):
         if not name or name not in shapes or any(name.startswith(r.layer + ".") for r in applied):
             continue
-        found = next((got for rule in RULES if (got := rule(m)) is not None), None)
+        bn = _batchnorm_after(model, name) if isinstance(m, nn.Conv2d) and _is_grouped(m) else None
+        found = next((got for rule in RULES if (got := rule(_fold(m, bn[1]) if bn else m)) is not None), None)
         if found is None:
             continue
         kind, new, after = found
         new.train(m.training)
-        diff = _check_layer(name, m, new, shapes[name], kind, gen)
+        old = nn.Sequential(m, bn[1]) if bn else m
+        diff = _check_layer(name, old, new, shapes[name], kind, gen)
         before = _describe_conv(m) if isinstance(m, nn.Conv2d) else repr(m)
         _set_module(model, name, new)
+        if bn:
+            _set_module(model, bn[0], nn.Identity())
+            before, after = f"{before} + BatchNorm2d `{bn[0]}`", f"{after} (BatchNorm2d `{bn[0]}` folded in)"
         applied.append(Rewrite(kind, name, before, after, diff))
     total = _check_model(original, model, example, gen) if applied else 0.0
     return model, RewriteReport(tuple(applied), suggestions(model), total)
+
+
+def _batchnorm_after(model: nn.Module, name: str) -> tuple[str, nn.BatchNorm2d] | None:
+    """(name, module) of the BatchNorm2d right after layer `name` in the same nn.Sequential, if any. A split
+    grouped conv ends in a concatenation, so the converter can no longer fold that BatchNorm into it: folded
+    here, the per-group convs quantize like the grouped one (a separate int8 MUL/ADD costs agreement)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential):
+        return None
+    keys = list(parent._modules)
+    nxt = keys[keys.index(child) + 1] if keys.index(child) + 1 < len(keys) else None
+    bn = parent._modules.get(nxt) if nxt is not None else None
+    if type(bn) is not nn.BatchNorm2d or bn.training or not bn.track_running_stats:
+        return None
+    return (f"{parent_name}.{nxt}" if parent_name else nxt), bn
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A copy of `conv` with `bn` (eval mode) folded into its weights and bias."""
+    folded = copy.deepcopy(conv)
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        shift = -bn.running_mean * scale
+        if bn.affine:
+            scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+        folded.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1))
+        folded.bias = nn.Parameter(bias * scale + shift)
+    return folded
 
 
 def _check_model(original: nn.Module, model: nn.Module, example: torch.Tensor, gen: torch.Generator) -> float:

@@ -43,8 +43,11 @@ def model_outputs(spec: ModelSpec) -> int:
     return int(out.shape[1])
 
 
-def check_classes(spec: ModelSpec, *, where: str, from_file: bool = False) -> None:
-    """UsageError unless there are at least two classes and exactly one per model output."""
+def check_classes(
+    spec: ModelSpec, *, where: str, from_file: bool = False, option: str = "--classes FILE", listing: str = "the file"
+) -> None:
+    """UsageError unless there are at least two classes and exactly one per model output. `from_file`: the names
+    were listed by the user (in `listing`); `option` is how the caller gives them (the Python API: classes=)."""
     names: Sequence[str] = spec.class_names
     if len(names) < 2:
         raise UsageError(
@@ -54,9 +57,9 @@ def check_classes(spec: ModelSpec, *, where: str, from_file: bool = False) -> No
     n = model_outputs(spec)
     if n != len(names):
         fix = (
-            f"make the file list the model's {n} classes in output order"
+            f"make {listing} list the model's {n} classes in output order"
             if from_file
-            else f"give --classes FILE with the model's {n} class names in output order (each class folder named "
+            else f"give {option} with the model's {n} class names in output order (each class folder named "
             "after one of them), or use data with one class folder per output"
         )
         raise UsageError(

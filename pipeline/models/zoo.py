@@ -83,18 +83,25 @@ def user_model_spec(
     class_names: tuple[str, ...],
 ) -> ModelSpec:
     factory = load_factory(ref)
-    c = input_shape[0]
+    mean, std = normalization(input_shape[0], mean, std)
+    return ModelSpec(
+        name=ref.replace(":", "."), build=_checked(factory, ref), input_shape=input_shape, mean=mean, std=std,
+        class_names=class_names,
+    )  # fmt: skip
+
+
+def normalization(
+    c: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) for a `c`-channel input: one value stands for every channel (and says so)."""
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     if len(mean) not in (1, c) or len(std) not in (1, c):
         raise UsageError(f"--mean/--std need 1 or {c} values for a {c}-channel input")
     if any(s <= 0 for s in std):
         raise UsageError("--std values must be positive")
     if c > 1 and (len(mean) == 1 or len(std) == 1):
         log.warning("--mean/--std: one value given for a %d-channel input; it is used for every channel", c)
-    mean, std = (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
-    return ModelSpec(
-        name=ref.replace(":", "."), build=_checked(factory, ref), input_shape=input_shape, mean=mean, std=std,
-        class_names=class_names,
-    )  # fmt: skip
+    return (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
 
 
 def _checked(factory, ref: str):

@@ -223,15 +223,17 @@ def prune_to_plan(
     importance: str = "l2",
     keep_layers: Sequence[str] = (),
     batches: Sequence[Any] = (),
+    groups: Mapping[str, int] | None = None,
 ) -> nn.Module:
     """A pruned copy of `model` in which each group root named in `kept` keeps that many channels.
 
     Which channels go is decided by the importance criterion, group-wise (all coupled layers together);
-    `batches` ((images, labels) pairs) feed the gradient criteria (taylor, hessian).
+    `batches` ((images, labels) pairs) feed the gradient criteria (taylor, hessian). `groups`: the model's
+    `prunable_groups`, when the caller has them (saves tracing the graph once more).
     """
     pruned = copy.deepcopy(model).eval()
     modules = dict(pruned.named_modules())
-    groups = prunable_groups(pruned, example, keep_layers=keep_layers)
+    groups = groups if groups is not None else prunable_groups(pruned, example, keep_layers=keep_layers)
     ratio_dict = {}
     for name, n_keep in kept.items():
         if name not in groups:

@@ -72,7 +72,7 @@ def measure_sensitivity(
         rows = []
         for keep in counts:
             pruned = prune_to_plan(model, example, {g: keep}, importance=cfg.importance,
-                                   keep_layers=cfg.keep_layers, batches=val)  # fmt: skip
+                                   keep_layers=cfg.keep_layers, batches=val, groups=groups)  # fmt: skip
             if cfg.recalibrate_bn:
                 recalibrate_bn(pruned, bn)
             loss, acc = evaluate(pruned, val, reference=reference)
@@ -200,11 +200,12 @@ class _Measured:
         self.model, self.example, self.cfg, self.val, self.bn = model, example, cfg, val, bn
         self.reference = model if val and val[0][1] is None else None
         self.trials = 0
+        self.groups = prunable_groups(model, example, keep_layers=cfg.keep_layers)
 
     def __call__(self, plan: Mapping[str, int]) -> tuple[nn.Module, float, int, int]:
         cfg = self.cfg
         pruned = prune_to_plan(self.model, self.example, plan, importance=cfg.importance,
-                               keep_layers=cfg.keep_layers, batches=self.val)  # fmt: skip
+                               keep_layers=cfg.keep_layers, batches=self.val, groups=self.groups)  # fmt: skip
         if cfg.recalibrate_bn:
             recalibrate_bn(pruned, self.bn)
         loss, _ = evaluate(pruned, self.val, reference=self.reference)
@@ -222,7 +223,7 @@ def allocate(
     val: Sequence[Batch],
     bn: Sequence[Batch],
     tolerance: float = 0.02,
-    candidates: int = 4,
+    candidates: int = 3,
 ) -> tuple[PruneResult, dict[str, Any]]:
     """Prune `model` to `cfg.target.keep` of its MACs (or params), one step at a time: of the `candidates`
     groups the sensitivity curves rank cheapest, each is tried one step smaller, pruned for real with

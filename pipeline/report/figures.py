@@ -354,3 +354,30 @@ def comparison(summaries: Sequence[Mapping[str, Any]]) -> bytes | None:
     ax.set_title("Shipped model per target (marker area: file size)")
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def sensitivity(s: Mapping[str, Any]) -> bytes | None:
+    """Per prunable group: validation accuracy with only that group pruned, against the share of its channels
+    removed (the curves the allocation ranks its candidates by)."""
+    sens = s.get("sensitivity") or {}
+    groups = sens.get("groups") or {}
+    if not groups:
+        return None
+    base = sens.get("base") or {}
+    fig, ax = _axes(6.4, 4.0)
+    for name, entry in groups.items():
+        rows = sorted(entry.get("levels") or [], key=lambda r: -r["keep"])
+        if not rows:
+            continue
+        n = entry["channels"]
+        xs = [0.0] + [100 * (1 - r["keep"] / n) for r in rows]
+        ys = [100 * base.get("accuracy", float("nan"))] + [100 * r["accuracy"] for r in rows]
+        ax.plot(xs, ys, marker="o", markersize=3, label=f"{name} ({n})")
+    ax.set_xlabel("channels removed from this group alone (%)")
+    ax.set_ylabel("validation accuracy (%), BatchNorm re-estimated")
+    ax.set_title(f"Sensitivity per layer ({sens.get('val_images', '?')} validation images)")
+    ax.grid(alpha=0.3)
+    ax.margins(y=0.1)
+    if len(groups) <= 16:
+        ax.legend(fontsize=7, ncol=2, loc="lower left")
+    return _png(fig)

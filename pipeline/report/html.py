@@ -175,6 +175,18 @@ def _channels(s: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _sensitivity(s: Mapping[str, Any]) -> str:
+    from pipeline.report import figures
+
+    pr = s.get("pruned") or {}
+    if not s.get("sensitivity"):
+        return ""
+    note = (f"<p>Channels allocated: {esc(pr.get('allocation'))}. Each curve is one group pruned alone; the "
+            "allocation tries the cheapest groups a step smaller on the whole model and keeps the step that "
+            "raises the validation loss least per MAC saved.</p>")  # fmt: skip
+    return "\n".join(["<h2>Sensitivity per layer</h2>", note, img(figures.sensitivity(s), "sensitivity per layer")])
+
+
 def _energy(s: Mapping[str, Any]) -> str:
     from pipeline.report import figures
 
@@ -284,8 +296,8 @@ def render_html(summary: Mapping[str, Any]) -> str:
         f"{esc(data.get('test', NOT_MEASURED))} ({esc(s.get('test_images', '?'))} images). Calibration: "
         f"{esc(data.get('calibration', NOT_MEASURED))}.</p>",
     ]
-    sections = (_before_after, _budgets, _variants, _latency, _devices, _channels, _energy, _latency_model, _edgetpu,
-                _stages)  # fmt: skip
+    sections = (_before_after, _budgets, _variants, _latency, _devices, _channels, _sensitivity, _energy,
+                _latency_model, _edgetpu, _stages)  # fmt: skip
     body = [*head, *(section(s) for section in sections)]
     return page(title, [b for b in body if b])
 

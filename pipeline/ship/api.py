@@ -8,7 +8,7 @@ import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.artifacts import json_text
 from pipeline.errors import ShipError
@@ -18,6 +18,9 @@ from pipeline.ship.detect import AppKind, check_model_name, detect_app, model_de
 from pipeline.ship.embed import EDGESHIP_METADATA, TFLITE_METADATA, embed_metadata
 from pipeline.ship.metadata import app_metadata
 from pipeline.ship.version import bundle_version, check_not_older, parse_version
+
+if TYPE_CHECKING:
+    from pipeline.targets import TargetProfile
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +167,16 @@ def ship_target(
         raise ShipError(f"{bundle_dir}: no published bundle; run `make deploy TARGET={target}` first")
     name = model_name or default_model_name(bundle_dir)
     result = ship(bundle_dir, app_dir, model_name=name, force=force, resources=resources, version=version)
-    if profile.transport.kind != "adb":  # the phone profiles reach their device over adb; boards over ssh
-        note = (
-            f"this bundle was made for {profile.name} ({profile.description or profile.hardware.cpu}), not for a "
-            f"phone: its pruning, precision and latency figures fit that device. For a phone app, deploy "
-            f"TARGET=android and ship that bundle."
-        )
-        result = replace(result, note=note)
-    return result
+    note = phone_note(profile)
+    return replace(result, note=note) if note else result
+
+
+def phone_note(profile: TargetProfile) -> str | None:
+    """What to know when a bundle made for a board goes into a phone app (None for a phone's bundle)."""
+    if profile.transport.kind == "adb":  # the phone profiles reach their device over adb; boards over ssh
+        return None
+    return (
+        f"this bundle was made for {profile.name} ({profile.description or profile.hardware.cpu}), not for a "
+        f"phone: its pruning, precision and latency figures fit that device. For a phone app, deploy "
+        f"TARGET=android and ship that bundle."
+    )

@@ -62,23 +62,28 @@ class ConvertStage(Stage[ConvertResult]):
     def config(self, ctx: Context) -> Mapping[str, Any]:
         t = ctx.target
         return {"precisions": self.precisions(t), "int8_io": t.quantize.int8_io,
-                "calibration": str(ctx.data.calibration_file), "n": t.quantize.calibration_images,
+                "calibration": ctx.data.describe()["calibration"], "n": t.quantize.calibration_images,
                 "accelerator": t.hardware.accelerator}  # fmt: skip
 
     def run(self, ctx: Context, out: Path) -> ConvertResult:
         from pipeline.convert.convert_tflite import convert_tflite
         from pipeline.convert.export_onnx import OnnxExport
         from pipeline.edgetpu.fixes import ConversionFixes, edgetpu_fixes
+        from pipeline.edgetpu.rewrite import suggestions_text
+        from pipeline.errors import ConversionError
 
         t, onnx_path = ctx.target, ctx.get(self.export).onnx_path
         precisions = self.precisions(t)
         fixes = edgetpu_fixes(onnx_path) if t.hardware.accelerator == "edgetpu" else ConversionFixes((), ())
         calib = ctx.data.calibration.subset(t.quantize.calibration_images, seed=ctx.req.seed)
-        files = convert_tflite(
-            OnnxExport.from_path(onnx_path), ctx.spec, out, precisions=precisions,
-            calibration=calib if "int8" in precisions else None, int8_io=t.quantize.int8_io,
-            log_path=out / "onnx2tf.log", extra_args=fixes.args,
-        )  # fmt: skip
+        try:
+            files = convert_tflite(
+                OnnxExport.from_path(onnx_path), ctx.spec, out, precisions=precisions,
+                calibration=calib if "int8" in precisions else None, int8_io=t.quantize.int8_io,
+                log_path=out / "onnx2tf.log", extra_args=fixes.args,
+            )  # fmt: skip
+        except ConversionError as exc:  # name the layers the Edge TPU rewrites had to leave (nn.GELU, ...)
+            raise ConversionError(f"{exc}{suggestions_text(ctx.get(self.export).edgetpu_rewrites)}") from exc
         return ConvertResult(out, {p: f.size_bytes for p, f in files.items()}, fixes.to_dict())
 
 

@@ -11,7 +11,7 @@ from pipeline.stages.base import MODEL_FILE, Context, FlatResult, Stage
 from pipeline.stages.baseline import BASELINE
 from pipeline.stages.prune import PRUNE
 
-VAL_IMAGES = 2000  # validation images early stopping evaluates on
+VAL_IMAGES = 1000  # validation images early stopping evaluates on
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class PruneStage(Stage[PruneOutcome]):
             base_tflite = ctx.get(CONVERT_BASELINE).tflite(ctx.target.quantize.ship)
             out |= {"table": ctx.get(LATENCY_TABLE).table_path, "baseline": base_tflite}
         if ctx.has(SENSITIVITY):
-            out |= {"sensitivity": ctx.get(SENSITIVITY).folder / "manifest.json"}
+            out |= {"sensitivity": ctx.get(SENSITIVITY).folder / "sensitivity.json"}
         return out
 
     def config(self, ctx: Context) -> Mapping[str, Any]:

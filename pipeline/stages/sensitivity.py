@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.stages.base import Context, Stage
 from pipeline.stages.baseline import BASELINE
 
-BN_IMAGES = 1000  # training images BatchNorm statistics are re-estimated on
+BN_IMAGES = 200  # training images BatchNorm statistics are re-estimated on
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,9 @@ class SensitivityStage(Stage[SensitivityResult]):
         val, bn = decision_batches(ctx)
         model = ctx.load(ctx.get(BASELINE).model_path)
         sens = measure_sensitivity(model, ctx.example(), ctx.target.pruning, val=val, bn=bn)
+        from pipeline.artifacts import write_json_atomic
+
+        write_json_atomic(out / "sensitivity.json", sens)
         return SensitivityResult(out, sens["base"], sens["groups"], sens["val_images"])
 
 
