@@ -230,12 +230,12 @@ def _can_mount_tmpfs() -> bool:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs (root only): writes past it fail with ENOSPC, the real disk-full error."""
+    """A 640 KiB tmpfs (the previous bundle fits, a second beside it does not) (root only): writes past it fail with ENOSPC, the real disk-full error."""
     if not _can_mount_tmpfs():
         pytest.skip("mounting a tmpfs needs root (the RLIMIT_FSIZE tests cover the same paths)")
     disk = tmp_path / "disk"
     disk.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(disk)], capture_output=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode(errors='replace').strip()}")
     try:
@@ -630,13 +630,13 @@ def test_full_disk_in_a_stage_is_a_clean_error_and_keeps_the_previous_result(kil
 
 @pytest.fixture
 def full_artifacts(killed_runs: dict[str, Any], tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """A 256 KiB tmpfs holding a copy of the last bundle, filled to the brim; then a deploy publishing there."""
+    """A 640 KiB tmpfs (the previous bundle fits, a second beside it does not) holding a copy of the last bundle, filled to the brim; then a deploy publishing there."""
     if not _can_mount_tmpfs():
         pytest.skip("mounting a tmpfs needs root")
     ws = dict(killed_runs["ws"])
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(disk)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
         shutil.copytree(ws["art"] / TARGET, disk / TARGET)
