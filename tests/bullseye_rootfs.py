@@ -18,13 +18,11 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from qemu_rootfs import MIRROR, _mirror_reachable, _run
+from qemu_rootfs import build_rootfs
 
 from pipeline.devices.transport import Completed, LocalTransport, run_process, text
 
@@ -53,38 +51,13 @@ def missing_reason() -> str | None:
 
 
 def ensure_rootfs() -> tuple[Path | None, str]:
-    """(rootfs, how) with how 'cached' or 'built in N s'; (None, reason) when it cannot be built here."""
-    dest = cache_dir()
-    marker = dest / ".edgeship-rootfs"
-    if marker.is_file() and marker.read_text() == RECIPE:
-        return dest, "cached"
-    reason = _mirror_reachable()
-    if reason:
-        return None, reason
-    start = time.monotonic()
-    tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        _run(["debootstrap", "--arch=amd64", "--foreign", "--variant=minbase", "--include=python3,python2.7",
-              "bullseye", str(tmp), MIRROR], timeout=600)  # fmt: skip
-        for deb in sorted((tmp / "var/cache/apt/archives").glob("*.deb")):
-            _run(["dpkg-deb", "-x", str(deb), str(tmp)], timeout=120)
-        for name in ("passwd", "group"):
-            shutil.copyfile(tmp / f"usr/share/base-passwd/{name}.master", tmp / f"etc/{name}")
-        _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
-              "--platform", "manylinux2014_x86_64", "--python-version", "3.9", "--implementation", "cp",
-              "--abi", "cp39", "--target", str(tmp / "opt/pylib"), *WHEELS], timeout=600)  # fmt: skip
-        (tmp / "usr/lib/python3/dist-packages").mkdir(parents=True, exist_ok=True)
-        (tmp / "usr/lib/python3/dist-packages/edgeship-pylib.pth").write_text("/opt/pylib\n")
-        for deb in (tmp / "var/cache/apt/archives").glob("*.deb"):
-            deb.unlink()  # already unpacked
-        (tmp / ".edgeship-rootfs").write_text(RECIPE)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest, f"built in {time.monotonic() - start:.0f} s"
+    """The amd64 bullseye rootfs (qemu_rootfs.build_rootfs)."""
+    return build_rootfs(
+        cache_dir(), RECIPE, debootstrap=["--arch=amd64", "--include=python3,python2.7", "bullseye"],
+        pip_platform=["--platform", "manylinux2014_x86_64", "--python-version", "3.9", "--implementation", "cp",
+                      "--abi", "cp39"],
+        wheels=WHEELS,
+    )  # fmt: skip
 
 
 class ChrootTransport(LocalTransport):

@@ -54,42 +54,55 @@ def _run(argv: list[str], timeout: int) -> None:
         raise RuntimeError(f"{argv[0]} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
 
 
-def ensure_rootfs() -> tuple[Path | None, str]:
-    """(rootfs, how) with how 'cached' or 'built in N s'; (None, reason) when it cannot be built here."""
-    dest = cache_dir()
+def build_rootfs(dest: Path, recipe: str, *, debootstrap: list[str], pip_platform: list[str],
+                 wheels: tuple[str, ...]) -> tuple[Path | None, str]:  # fmt: skip
+    """(rootfs, how) with how 'cached' or 'built in N s'; (None, reason) when it cannot be built here.
+
+    `debootstrap --foreign --variant=minbase` with the extra `debootstrap` arguments (arch, packages, suite),
+    every .deb unpacked with `dpkg-deb -x`, then `wheels` installed for the device's Python with pip's
+    `pip_platform` options into /opt/pylib (a .pth file puts it on the device's path). Built beside `dest`
+    and renamed into place; `recipe` marks a finished rootfs."""
+    import time
+
     marker = dest / ".edgeship-rootfs"
-    if marker.is_file() and marker.read_text() == RECIPE:
+    if marker.is_file() and marker.read_text() == recipe:
         return dest, "cached"
     reason = _mirror_reachable()
     if reason:
         return None, reason
-    import time
-
     start = time.monotonic()
     tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _run(["debootstrap", "--arch=arm64", "--foreign", "--variant=minbase", "--include=python3,libstdc++6",
-              "bookworm", str(tmp), MIRROR], timeout=600)  # fmt: skip
+        suite_args = [*debootstrap[:-1], "--foreign", "--variant=minbase", debootstrap[-1]]
+        _run(["debootstrap", *suite_args, str(tmp), MIRROR], timeout=600)
         for deb in sorted((tmp / "var/cache/apt/archives").glob("*.deb")):
             _run(["dpkg-deb", "-x", str(deb), str(tmp)], timeout=120)
         for name in ("passwd", "group"):
             shutil.copyfile(tmp / f"usr/share/base-passwd/{name}.master", tmp / f"etc/{name}")
         _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
-              "--platform", "manylinux_2_34_aarch64", "--platform", "manylinux2014_aarch64", "--python-version",
-              "3.11", "--implementation", "cp", "--abi", "cp311", "--target", str(tmp / "opt/pylib"), *WHEELS],
-             timeout=600)  # fmt: skip
+              *pip_platform, "--target", str(tmp / "opt/pylib"), *wheels], timeout=600)  # fmt: skip
         (tmp / "usr/lib/python3/dist-packages").mkdir(parents=True, exist_ok=True)
         (tmp / "usr/lib/python3/dist-packages/edgeship-pylib.pth").write_text("/opt/pylib\n")
         for deb in (tmp / "var/cache/apt/archives").glob("*.deb"):
-            deb.unlink()  # 60 MB of packages already unpacked
-        (tmp / ".edgeship-rootfs").write_text(RECIPE)
+            deb.unlink()  # the packages, already unpacked
+        (tmp / ".edgeship-rootfs").write_text(recipe)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest, f"built in {time.monotonic() - start:.0f} s"
+
+
+def ensure_rootfs() -> tuple[Path | None, str]:
+    """The arm64 bookworm rootfs (see build_rootfs)."""
+    return build_rootfs(
+        cache_dir(), RECIPE, debootstrap=["--arch=arm64", "--include=python3,libstdc++6", "bookworm"],
+        pip_platform=["--platform", "manylinux_2_34_aarch64", "--platform", "manylinux2014_aarch64",
+                      "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311"],
+        wheels=WHEELS,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
