@@ -312,21 +312,9 @@ def _train(seed: int = 0) -> torch.nn.Module:
 
 def _folder_from_fmnist(root: Path) -> Path:
     """train/test/calibration image folders (PNG) from real Fashion-MNIST, classes c0..c9."""
-    import cv2
+    from tests.tiny_models import write_fmnist_folder
 
-    from tests.tiny_models import read_fashion_mnist
-
-    train, test = read_fashion_mnist("train", 1600), read_fashion_mnist("test", 300)
-    for split, imgs in (
-        ("train", train.subset(400, seed=0)),
-        ("test", test),
-        ("calibration", train.subset(40, seed=1)),
-    ):
-        for i, (img, label) in enumerate(zip(imgs.images, imgs.labels, strict=True)):
-            folder = root / split / f"c{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            assert cv2.imwrite(str(folder / f"{i:04d}.png"), img[..., 0])
-    return root
+    return write_fmnist_folder(root, pool=1600, train=400, test=300)
 
 
 def _datasets(folder: Path) -> dict[str, torch.utils.data.Dataset]:

@@ -433,19 +433,9 @@ def test_the_default_model_on_coral_is_still_fully_mapped(tmp_path: Path) -> Non
 
 def _write_dataset(root: Path) -> Path:
     """train/test/calibration PNG folders from real Fashion-MNIST, classes c0..c9."""
-    import cv2
+    from tests.tiny_models import write_fmnist_folder
 
-    train, test = read_fashion_mnist("train", 1000), read_fashion_mnist("test", 100)
-    for split, imgs in (
-        ("train", train.subset(400, seed=0)),
-        ("test", test),
-        ("calibration", train.subset(40, seed=1)),
-    ):
-        for i, (img, label) in enumerate(zip(imgs.images, imgs.labels, strict=True)):
-            folder = root / split / f"c{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            assert cv2.imwrite(str(folder / f"{i:04d}.png"), img[..., 0])
-    return root
+    return write_fmnist_folder(root, pool=1000, train=400, test=100)
 
 
 def _write_profile(path: Path) -> Path:

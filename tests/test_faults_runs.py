@@ -230,7 +230,7 @@ def _can_mount_tmpfs() -> bool:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 640 KiB tmpfs (the previous bundle fits, a second beside it does not) (root only): writes past it fail with ENOSPC, the real disk-full error."""
+    """A 640 KiB tmpfs (root only): writes past it fail with ENOSPC, the real disk-full error."""
     if not _can_mount_tmpfs():
         pytest.skip("mounting a tmpfs needs root (the RLIMIT_FSIZE tests cover the same paths)")
     disk = tmp_path / "disk"
@@ -330,22 +330,9 @@ def test_lock_is_per_target(tmp_path: Path) -> None:
 
 def _write_dataset(root: Path) -> Path:
     """train/test/calibration image folders (PNG) from real Fashion-MNIST, classes c0..c9."""
-    import cv2
+    from tests.tiny_models import write_fmnist_folder
 
-    from tests.tiny_models import read_fashion_mnist
-
-    train, test = read_fashion_mnist("train", 1000), read_fashion_mnist("test", 300)
-    data = root / "data"
-    for split, imgs in (
-        ("train", train.subset(300, seed=0)),
-        ("test", test),
-        ("calibration", train.subset(40, seed=1)),
-    ):
-        for i, (img, label) in enumerate(zip(imgs.images, imgs.labels, strict=True)):
-            folder = data / split / f"c{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            assert cv2.imwrite(str(folder / f"{i:04d}.png"), img[..., 0])
-    return data
+    return write_fmnist_folder(root / "data", pool=1000, train=300, test=300)
 
 
 def _write_checkpoint(root: Path) -> Path:
@@ -630,7 +617,8 @@ def test_full_disk_in_a_stage_is_a_clean_error_and_keeps_the_previous_result(kil
 
 @pytest.fixture
 def full_artifacts(killed_runs: dict[str, Any], tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """A 640 KiB tmpfs (the previous bundle fits, a second beside it does not) holding a copy of the last bundle, filled to the brim; then a deploy publishing there."""
+    """A 640 KiB tmpfs holding a copy of the last bundle (with room for it), filled to the brim; then a deploy
+    publishing there."""
     if not _can_mount_tmpfs():
         pytest.skip("mounting a tmpfs needs root")
     ws = dict(killed_runs["ws"])

@@ -156,3 +156,21 @@ def prune_cfg(
 
     return Pruning(target=PruneTarget(metric=metric, keep=keep), channel_multiple=channel_multiple,
                    importance=importance, keep_layers=tuple(keep_layers), max_layer_ratio=max_ratio)  # fmt: skip
+
+
+def write_fmnist_folder(root: Path, *, pool: int, train: int, test: int, calibration: int = 40) -> Path:
+    """`root/{train,test,calibration}/c<label>/NNNN.png` from real Fashion-MNIST: `train` and `calibration`
+    images drawn (seeded) from the first `pool` training images, the first `test` test images."""
+    import cv2
+
+    train_set, test_set = read_fashion_mnist("train", pool), read_fashion_mnist("test", test)
+    for split, imgs in (
+        ("train", train_set.subset(train, seed=0)),
+        ("test", test_set),
+        ("calibration", train_set.subset(calibration, seed=1)),
+    ):
+        for i, (img, label) in enumerate(zip(imgs.images, imgs.labels, strict=True)):
+            folder = root / split / f"c{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            assert cv2.imwrite(str(folder / f"{i:04d}.png"), img[..., 0])
+    return root
