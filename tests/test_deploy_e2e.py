@@ -202,8 +202,12 @@ def test_the_real_report_renders_in_chromium_with_its_figures(workspace: dict, t
     page = workspace["result"].bundle / "report.html"
     text = page.read_text(encoding="utf-8")
     images = loaded_images(text, tmp_path)
-    assert [i["alt"] for i in images] == ["accuracy vs latency", "latency distribution", "channels per layer",
-                                                "sensitivity per layer"]
+    assert [i["alt"] for i in images] == [
+        "accuracy vs latency",
+        "latency distribution",
+        "channels per layer",
+        "sensitivity per layer",
+    ]
     assert all(i["complete"] and i["w"] > 100 and i["h"] > 50 for i in images), images
     assert "energy per inference: not measured." in text  # host.yaml: power.kind none, no idle_w/active_w
     assert "<h2>Edge TPU" not in text
