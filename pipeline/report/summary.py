@@ -140,53 +140,28 @@ def _latency_model(fig: Mapping[str, Any] | None, shipped: Mapping[str, Any]) ->
     }
 
 
+def _budget_row(name: str, limit: float, value: float, note: str, *, digits: int | None = None) -> dict[str, Any]:
+    """One budget: met when the measured `value` is at most `limit` (shown rounded to `digits`)."""
+    shown = value if digits is None else round(value, digits)
+    return {"name": name, "limit": limit, "value": shown, "status": "met" if value <= limit else "missed",
+            "note": note}  # fmt: skip
+
+
 def _budgets(t: Any, *, base_acc: float, shipped: Mapping[str, Any], on_device: bool,
              edgetpu: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     from pipeline.edgetpu.budget import edgetpu_budget_rows
 
     b = t.budgets
-    rows = []
     drop = base_acc - shipped["accuracy"]
-    rows.append(
-        {
-            "name": "accuracy drop",
-            "limit": b.max_accuracy_drop,
-            "value": round(drop, 4),
-            "status": "met" if drop <= b.max_accuracy_drop else "missed",
-            "note": "vs unpruned PyTorch",
-        }
-    )
+    rows = [_budget_row("accuracy drop", b.max_accuracy_drop, drop, "vs unpruned PyTorch", digits=4)]
     if b.max_size_kb is not None:
         kb = shipped["size_bytes"] / 1024
-        rows.append(
-            {
-                "name": "size (KiB)",
-                "limit": b.max_size_kb,
-                "value": round(kb, 1),
-                "status": "met" if kb <= b.max_size_kb else "missed",
-                "note": "shipped model.tflite",
-            }
-        )
+        rows.append(_budget_row("size (KiB)", b.max_size_kb, kb, "shipped model.tflite", digits=1))
     if b.latency_ms is not None:
         p50 = shipped["latency_ms"]["p50"]
         if on_device:
-            rows.append(
-                {
-                    "name": "latency p50 (ms)",
-                    "limit": b.latency_ms,
-                    "value": p50,
-                    "status": "met" if p50 <= b.latency_ms else "missed",
-                    "note": shipped["measured_on"],
-                }
-            )
+            rows.append(_budget_row("latency p50 (ms)", b.latency_ms, p50, shipped["measured_on"]))
         else:
-            rows.append(
-                {
-                    "name": "latency p50 (ms)",
-                    "limit": b.latency_ms,
-                    "value": p50,
-                    "status": "not checked",
-                    "note": f"measured on {shipped['measured_on']}, not on a {t.name} device",
-                }
-            )
+            note = f"measured on {shipped['measured_on']}, not on a {t.name} device"
+            rows.append({**_budget_row("latency p50 (ms)", b.latency_ms, p50, note), "status": "not checked"})
     return rows + edgetpu_budget_rows(b, edgetpu)
