@@ -52,19 +52,37 @@ class Budgets(_Frozen):
 
 class PruneTarget(_Frozen):
     """Keep this fraction of the unpruned model's MACs or parameters, or fit `budgets.latency_ms` as measured
-    on the target's runtime (metric: latency; `max_points` caps the latency table's grid per axis)."""
+    on the target's runtime (metric: latency; `max_points` caps the latency table's grid per axis), or
+    (metric: accuracy) prune as far as `budgets.max_accuracy_drop` allows: a bounded search over the share of
+    MACs kept, each trial pruned and briefly fine-tuned, judged on the validation split (`pruning.search`)."""
 
-    metric: Literal["macs", "params", "latency"] = "macs"
+    metric: Literal["macs", "params", "latency", "accuracy"] = "macs"
     keep: float | None = Field(default=None, gt=0, le=1)
     max_points: int = Field(default=16, ge=2, le=64)
 
     @model_validator(mode="after")
     def _keep_given(self) -> PruneTarget:
-        if self.metric != "latency" and self.keep is None:
+        if self.metric in ("macs", "params") and self.keep is None:
             raise ValueError(f"keep: metric {self.metric} needs keep (the fraction of {self.metric} to keep)")
         if self.metric == "latency" and self.keep is not None:
             raise ValueError("keep: metric latency takes its target from budgets.latency_ms; remove keep")
+        if self.metric == "accuracy" and self.keep is not None:
+            raise ValueError("keep: metric accuracy searches for the keep that budgets.max_accuracy_drop allows; "
+                             "remove keep (or bound the search with pruning.search.min_keep)")  # fmt: skip
         return self
+
+
+class Search(_Frozen):
+    """The accuracy search (`pruning.target: {metric: accuracy}`): at most `trials` trials between keeping
+    `min_keep` of the MACs and keeping all; each trial is pruned, BatchNorm re-estimated, fine-tuned for
+    `finetune_steps` steps and scored on the validation split. It stops early once a passing trial is within
+    `tolerance` of the budget's edge."""
+
+    trials: int = Field(default=7, ge=2, le=16)
+    finetune_steps: int = Field(default=150, ge=0, le=100_000)
+    min_keep: float = Field(default=0.15, gt=0, lt=1)
+    tolerance: float = Field(default=0.005, gt=0, le=0.1)
+    images: int = Field(default=1000, ge=16, le=50_000)  # validation images each trial is scored on
 
 
 class Sensitivity(_Frozen):
@@ -100,6 +118,9 @@ class Pruning(_Frozen):
     keep_layers: tuple[str, ...] = ()
     max_layer_ratio: float = Field(default=0.8, gt=0, lt=1)
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on training images after pruning
+    steps: int = Field(default=1, ge=1, le=20)  # iterative: prune -> re-estimate BN -> short distillation, N times
+    step_finetune_steps: int = Field(default=100, ge=0, le=100_000)  # distillation steps between iterative steps
+    search: Search = Search()
 
     @model_validator(mode="after")
     def _one_allocation(self) -> Pruning:
@@ -110,6 +131,9 @@ class Pruning(_Frozen):
             )
         if self.global_pruning and self.target.metric == "latency":
             raise ValueError("global: latency budgets allocate channels from the latency table; set global: false")
+        if self.steps > 1 and self.target.metric not in ("macs", "params"):
+            raise ValueError(f"steps: iterative pruning ({self.steps} steps) walks to a MAC or parameter target; "
+                             f"metric {self.target.metric} takes one step (steps: 1)")  # fmt: skip
         return self
 
 
@@ -129,18 +153,33 @@ class Finetune(_Frozen):
 
 
 class Quantize(_Frozen):
+    """`ship: auto` ships the fastest precision, measured where the model is profiled (the device, else this
+    host), whose accuracy drop stays within `budgets.max_accuracy_drop`; the decisions made before that (the
+    latency table, the unpruned reference) use `plan_precision`, the first of `precisions`."""
+
     precisions: tuple[Precision, ...] = ("fp32", "fp16", "int8")
-    ship: Precision = "int8"
+    ship: Precision | Literal["auto"] = "int8"
     int8_io: Literal["int8", "uint8", "float32"] = "int8"
     calibration_images: int = Field(default=200, ge=10, le=5000)
 
     @model_validator(mode="after")
     def _ship_is_built(self) -> Quantize:
-        if self.ship not in self.precisions:
-            raise ValueError(f"ship: {self.ship!r} is not among precisions {list(self.precisions)}")
+        if self.ship != "auto" and self.ship not in self.precisions:
+            raise ValueError(f"ship: {self.ship!r} is not among precisions {list(self.precisions)}; list it there "
+                             "or use ship: auto (the fastest precision within the accuracy budget)")  # fmt: skip
         if len(set(self.precisions)) != len(self.precisions):
             raise ValueError(f"precisions: listed twice: {list(self.precisions)}")
         return self
+
+    @property
+    def plan_precision(self) -> Precision:
+        """The precision the pre-profiling decisions use: the shipped one, or under auto the first listed."""
+        return self.precisions[0] if self.ship == "auto" else self.ship
+
+    @property
+    def baseline_precisions(self) -> tuple[Precision, ...]:
+        """The unpruned model's precisions converted for the before/after comparison."""
+        return self.precisions if self.ship == "auto" else (self.ship,)
 
 
 class Profiling(_Frozen):
@@ -226,6 +265,13 @@ class TargetProfile(_Frozen):
                     f"profile reaches its device over {self.transport.kind}, which latency tables do not use yet; "
                     "use metric macs or params here, or a local target (targets/host.yaml)"
                 )
+        b = self.budgets
+        if self.pruning.target.metric == "accuracy" and ("max_accuracy_drop" not in b.model_fields_set
+                                                         or b.max_accuracy_drop <= 0):  # fmt: skip
+            raise ValueError(
+                "pruning.target.metric: accuracy prunes as far as budgets.max_accuracy_drop allows; set "
+                "budgets.max_accuracy_drop in this profile to a share above 0 (0.01 = one point of accuracy)"
+            )
         if self.profiling.threads > self.hardware.cores:
             raise ValueError(
                 f"profiling.threads: {self.profiling.threads} threads on a {self.hardware.cores}-core device; "
@@ -297,7 +343,9 @@ def load_target(
 
 def override_target(profile: TargetProfile, overrides: tuple[str, ...]) -> TargetProfile:
     """`profile` with `field.path=value` settings applied, checked exactly like `load_target(overrides=...)`."""
-    return validate_profile(profile.model_dump(mode="json"), Path(f"profile {profile.name}"), overrides)
+    return validate_profile(
+        profile.model_dump(mode="json", exclude_unset=True), Path(f"profile {profile.name}"), overrides
+    )
 
 
 def validate_profile(data: dict[str, Any], path: Path, overrides: tuple[str, ...] = ()) -> TargetProfile:

@@ -100,7 +100,17 @@ def _variants(s: Mapping[str, Any]) -> list[str]:
             f"| {v['max_abs_diff']:.4g} | {lat['p50']:.3f} | {lat['p90']:.3f} | {lat['p99']:.3f} "
             f"| {v['peak_rss_kib']:,} | {v['runtime']}{' +XNNPACK' if v['xnnpack'] else ''}, {v['threads']} thr |"
         )
-    return [*lines, "", f"Latency: {st['runs']} timed runs after warm-up, measured on {st['measured_on']}.", ""]
+    lines += ["", f"Latency: {st['runs']} timed runs after warm-up, measured on {st['measured_on']}.", ""]
+    choice = s.get("precision_choice")
+    if choice:
+        drops = ", ".join(f"{r['precision']} {_points(r['accuracy_drop'])}" for r in choice["candidates"])
+        lines += [f"Shipped precision chosen by `quantize.ship: auto`: **{choice['chosen']}**, {choice['why']} "
+                  f"(p50 above; accuracy drop from unpruned PyTorch: {drops}).", ""]  # fmt: skip
+    return lines
+
+
+def _points(drop: float | None) -> str:
+    return "n/a" if drop is None else f"{100 * drop:.2f} points"
 
 
 def _energy(s: Mapping[str, Any]) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.runner import tool_versions
 from pipeline.stages import BASELINE, EDGETPU, FINETUNE, PROFILE, PRUNE, SENSITIVITY, VERIFY, Context
+from pipeline.stages.verify import baseline_label
 
 
 def _energy(prof: Mapping[str, Any], power: Any) -> dict[str, Any] | None:
@@ -50,9 +51,9 @@ def summarize(ctx: Context) -> dict[str, Any]:
     t, req = ctx.target, ctx.req
     base, pruned, tuned = ctx.get(BASELINE), ctx.get(PRUNE), ctx.get(FINETUNE)
     ver, prof = ctx.get(VERIFY), ctx.get(PROFILE).files
-    ship = t.quantize.ship
     ver_pruned, ver_base = ver.by_precision("pruned"), ver.by_precision("baseline")
     variants = {p: _variant(prof[p], ver_pruned.get(p), t.power) for p in t.quantize.precisions}
+    ship, choice = _shipped_precision(t, variants, base.accuracy)
     shipped = variants[ship]
     dev = prof[ship]["device"]
     on_device = dev["transport"] != "local" or (t.transport.kind == "local" and t.hardware.arch == dev["machine"])
@@ -66,9 +67,10 @@ def summarize(ctx: Context) -> dict[str, Any]:
         "test_images": base.test_images,
         "val_images": len(req.data.val),
         "shipped_precision": ship,
+        "precision_choice": choice,
         "baseline": {
             "params": base.params, "macs": base.macs, "accuracy_torch": base.accuracy,
-            "tflite": _variant(prof["baseline"], ver_base.get(ship), t.power),
+            "tflite": _variant(prof[baseline_label(ship, t.quantize.plan_precision)], ver_base.get(ship), t.power),
         },
         "pruned": {
             "enabled": pruned.enabled,
@@ -92,6 +94,14 @@ def summarize(ctx: Context) -> dict[str, Any]:
         "stages": {n: {"seconds": r.seconds, "skipped": r.skipped} for n, r in ctx.records.items()},
         "tools": tool_versions(),
     }  # fmt: skip
+
+
+def _shipped_precision(t: Any, variants: Mapping[str, Any], base_acc: float) -> tuple[str, dict[str, Any] | None]:
+    if t.quantize.ship != "auto":
+        return t.quantize.ship, None
+    from pipeline.report.precision import choose_precision
+
+    return choose_precision(variants, t.quantize.precisions, base_acc=base_acc, max_drop=t.budgets.max_accuracy_drop)
 
 
 def device_rows(record: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -1,5 +1,5 @@
-"""Stage `convert_baseline`: the unpruned model to TFLite in the shipped precision (for the before/after
-table). `ConvertStage` is also the `convert` stage of the fine-tuned model (stages/convert.py)."""
+"""Stage `convert_baseline`: the unpruned model to TFLite in the shipped precision (every precision under
+`quantize.ship: auto`), for the before/after table. `ConvertStage` is also the `convert` stage of the fine-tuned model (stages/convert.py)."""
 
 from __future__ import annotations
 
@@ -87,4 +87,4 @@ class ConvertStage(Stage[ConvertResult]):
         return ConvertResult(out, {p: f.size_bytes for p, f in files.items()}, fixes.to_dict())
 
 
-CONVERT_BASELINE = ConvertStage("convert_baseline", EXPORT_BASELINE, lambda t: (t.quantize.ship,))
+CONVERT_BASELINE = ConvertStage("convert_baseline", EXPORT_BASELINE, lambda t: t.quantize.baseline_precisions)

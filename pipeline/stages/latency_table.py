@@ -58,7 +58,7 @@ class LatencyTableStage(Stage[LatencyTableResult]):
 
     def config(self, ctx: Context) -> Mapping[str, Any]:
         t, p = ctx.target, ctx.target.pruning
-        return {"precision": t.quantize.ship, "threads": _threads(ctx), "multiple": p.channel_multiple,
+        return {"precision": t.quantize.plan_precision, "threads": _threads(ctx), "multiple": p.channel_multiple,
                 "max_ratio": p.max_layer_ratio, "max_points": p.target.max_points, "keep_layers": p.keep_layers,
                 "host": platform.node(), "runtime": runtime_versions(), "format": "edgeship-latency/1"}  # fmt: skip
 
@@ -71,7 +71,7 @@ class LatencyTableStage(Stage[LatencyTableResult]):
         model, ex = ctx.load(ctx.get(BASELINE).model_path), ctx.example()
         groups = prunable_groups(model, ex, keep_layers=p.keep_layers)
         layers = prunable_layers(model, ex, ignored=ignored_layers(model, ex, p.keep_layers))
-        table = measure_table(layers, groups, precision=ctx.target.quantize.ship, threads=threads,
+        table = measure_table(layers, groups, precision=ctx.target.quantize.plan_precision, threads=threads,
                               multiple=p.channel_multiple, max_ratio=p.max_layer_ratio,
                               max_points=p.target.max_points, work_dir=out)  # fmt: skip
         table.save(out / TABLE_FILE)

@@ -62,7 +62,7 @@ class PruneStage(Stage[PruneOutcome]):
     def inputs(self, ctx: Context) -> Mapping[str, Path]:
         out = {"model": ctx.get(BASELINE).model_path}
         if ctx.has(LATENCY_TABLE):
-            base_tflite = ctx.get(CONVERT_BASELINE).tflite(ctx.target.quantize.ship)
+            base_tflite = ctx.get(CONVERT_BASELINE).tflite(ctx.target.quantize.plan_precision)
             out |= {"table": ctx.get(LATENCY_TABLE).table_path, "baseline": base_tflite}
         if ctx.has(SENSITIVITY):
             out |= {"sensitivity": ctx.get(SENSITIVITY).folder / "sensitivity.json"}
@@ -106,7 +106,7 @@ class PruneStage(Stage[PruneOutcome]):
         from pipeline.latency.table import LatencyTable
         from pipeline.pruning.latency import prune_to_latency
 
-        base_tflite = ctx.get(CONVERT_BASELINE).tflite(t.quantize.ship)
+        base_tflite = ctx.get(CONVERT_BASELINE).tflite(t.quantize.plan_precision)
         measured = profile_local(base_tflite, bench_settings(t, on_host=True))["latency_ms"]["p50"]
         table = LatencyTable.load(ctx.get(LATENCY_TABLE).table_path)
         lp = prune_to_latency(model, ctx.example(), table, p, budget_ms=t.budgets.latency_ms,

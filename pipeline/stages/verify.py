@@ -35,11 +35,20 @@ class VerifyResult:
 
 
 def tflite_files(ctx: Context) -> dict[str, Path]:
-    """The files verified and profiled: the pruned model in every precision, and the unpruned one shipped."""
-    conv = ctx.get(CONVERT)
+    """The files verified and profiled: the pruned model in every precision, and the unpruned one shipped
+    (`baseline`; under `ship: auto` the unpruned model in every precision: `baseline`, `baseline-<precision>`)."""
+    conv, base, q = ctx.get(CONVERT), ctx.get(CONVERT_BASELINE), ctx.target.quantize
     files = {p: conv.tflite(p) for p in conv.precisions}
-    files["baseline"] = ctx.get(CONVERT_BASELINE).tflite(ctx.target.quantize.ship)
+    files["baseline"] = base.tflite(q.plan_precision)
+    for p in q.baseline_precisions:
+        if p != q.plan_precision:
+            files[baseline_label(p, q.plan_precision)] = base.tflite(p)
     return files
+
+
+def baseline_label(precision: str, plan_precision: str) -> str:
+    """The profile/verify label of the unpruned model in `precision`."""
+    return "baseline" if precision == plan_precision else f"baseline-{precision}"
 
 
 class VerifyStage(Stage[VerifyResult]):
