@@ -121,32 +121,58 @@ def _curves(sens: Mapping[str, Any], metric: str) -> dict[str, _Curve]:
     return out
 
 
-def _refine(model: nn.Module, example: torch.Tensor, cfg: Pruning, curves: Mapping[str, _Curve], best: tuple,
-            *, target: float, tolerance: float, batches: Sequence[Batch], trials: list, base: float,
-            rounds: int = 12) -> tuple:  # fmt: skip
+class _Pruner:
+    """Prunes plans of one model for real: the pruned copy with its MACs, params and the target metric's value;
+    `measure` also re-estimates BatchNorm and scores it on the validation batches (loss)."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, cfg: Pruning, val: Sequence[Batch],
+                 bn: Sequence[Batch]) -> None:  # fmt: skip
+        self.model, self.example, self.cfg, self.val, self.bn = model, example, cfg, val, bn
+        self.reference = model if val and val[0][1] is None else None
+        self.trials = 0
+        self.groups = prunable_groups(model, example, keep_layers=cfg.keep_layers)
+        self.metric = "params" if cfg.target.metric == "params" else "macs"
+
+    def prune(self, plan: Mapping[str, int]) -> tuple[nn.Module, int, int, float]:
+        cfg = self.cfg
+        pruned = prune_to_plan(self.model, self.example, plan, importance=cfg.importance,
+                               keep_layers=cfg.keep_layers, batches=self.val, groups=self.groups)  # fmt: skip
+        macs, params = count_macs_params(pruned, self.example)
+        return pruned, macs, params, float(macs if self.metric == "macs" else params)
+
+    def measure(self, plan: Mapping[str, int]) -> tuple[nn.Module, float, float]:
+        pruned, _, _, value = self.prune(plan)
+        if self.cfg.recalibrate_bn:
+            recalibrate_bn(pruned, self.bn)
+        loss, _ = evaluate(pruned, self.val, reference=self.reference)
+        self.trials += 1
+        return pruned, loss, value
+
+
+def _step_up(plan: Mapping[str, int], g: str, c: _Curve, m: int) -> int:
+    return min(c.channels, plan[g] + m - plan[g] % m)
+
+
+def _refine(pr: _Pruner, curves: Mapping[str, _Curve], best: tuple, *, target: float, tolerance: float,
+            trials: list, base: float, rounds: int = 12) -> tuple:  # fmt: skip
     """Give channels back, one step of one group at a time (the step that costs least loss per unit of
     MACs/params regained, measured for real), while the model stays at or under the target."""
-    metric = cfg.target.metric
     for _ in range(rounds):
-        plan, _, value = best[0], best[1], best[2]
+        plan, value = best[0], best[2]
         if value >= target * (1 - tolerance):
             break
         options = []
         for g, c in curves.items():
             if plan[g] >= c.channels:
                 continue
-            up = min(c.channels, plan[g] + cfg.channel_multiple - plan[g] % cfg.channel_multiple)
+            up = _step_up(plan, g, c, pr.cfg.channel_multiple)
             trial = {**plan, g: up}
-            pruned = prune_to_plan(model, example, trial, importance=cfg.importance, keep_layers=cfg.keep_layers,
-                                   batches=batches)  # fmt: skip
-            macs, params = count_macs_params(pruned, example)
-            v = macs if metric == "macs" else params
+            pruned, macs, params, v = pr.prune(trial)
             if value < v <= target * (1 + tolerance):
                 regained = c.at(plan[g])[0] - c.at(up)[0]
                 options.append((-(regained + 1e-9) / (v - value), v, trial, pruned, macs, params))
         if not options:
-            options = _swaps(model, example, cfg, curves, plan, value, target=target, tolerance=tolerance,
-                             batches=batches)  # fmt: skip
+            options = _swaps(pr, curves, plan, value, target=target, tolerance=tolerance)
         if not options:
             break
         _, v, trial, pruned, macs, params = min(options, key=lambda o: (o[0], -o[1]))
@@ -156,20 +182,19 @@ def _refine(model: nn.Module, example: torch.Tensor, cfg: Pruning, curves: Mappi
     return best
 
 
-def _swaps(model: nn.Module, example: torch.Tensor, cfg: Pruning, curves: Mapping[str, _Curve],
-           plan: Mapping[str, int], value: float, *, target: float, tolerance: float, batches: Sequence[Batch],
-           tries: int = 10) -> list[tuple]:  # fmt: skip
+def _swaps(pr: _Pruner, curves: Mapping[str, _Curve], plan: Mapping[str, int], value: float, *, target: float,
+           tolerance: float, tries: int = 10) -> list[tuple]:  # fmt: skip
     """One group a step up and another a step down: the pairs whose predicted result lands in the window,
     cheapest predicted loss first, measured for real (at most `tries`)."""
-    m, metric = cfg.channel_multiple, cfg.target.metric
+    m = pr.cfg.channel_multiple
     pairs = []
     for g, cg in curves.items():
-        up = min(cg.channels, plan[g] + m - plan[g] % m)
+        up = _step_up(plan, g, cg, m)
         if up == plan[g]:
             continue
         for h, ch in curves.items():
             down = plan[h] - m if plan[h] % m == 0 else plan[h] // m * m
-            if h == g or down < max(1, int(np.ceil(ch.channels * (1 - cfg.max_layer_ratio)))):
+            if h == g or down < max(1, int(np.ceil(ch.channels * (1 - pr.cfg.max_layer_ratio)))):
                 continue
             d_value = (cg.at(plan[g])[1] - cg.at(up)[1]) - (ch.at(down)[1] - ch.at(plan[h])[1])
             predicted = value + d_value
@@ -178,10 +203,7 @@ def _swaps(model: nn.Module, example: torch.Tensor, cfg: Pruning, curves: Mappin
                 pairs.append((d_cost, {**plan, g: up, h: down}))
     out = []
     for d_cost, trial in sorted(pairs, key=lambda p: p[0])[:tries]:
-        pruned = prune_to_plan(model, example, trial, importance=cfg.importance, keep_layers=cfg.keep_layers,
-                               batches=batches)  # fmt: skip
-        macs, params = count_macs_params(pruned, example)
-        v = macs if metric == "macs" else params
+        pruned, macs, params, v = pr.prune(trial)
         if value < v <= target * (1 + tolerance):
             out.append((d_cost / (v - value), v, trial, pruned, macs, params))
     return out
@@ -192,26 +214,62 @@ def _step_of(channels: int, multiple: int) -> int:
     return max(multiple, multiple * round(channels / 8 / multiple))
 
 
-class _Measured:
-    """Prunes a plan for real, re-estimates BatchNorm and measures validation loss and the metric."""
+@dataclass
+class _Walk:
+    """Where the NetAdapt loop stands: the plan, its pruned model, its metric value and validation loss."""
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, cfg: Pruning, val: Sequence[Batch],
-                 bn: Sequence[Batch]) -> None:  # fmt: skip
-        self.model, self.example, self.cfg, self.val, self.bn = model, example, cfg, val, bn
-        self.reference = model if val and val[0][1] is None else None
-        self.trials = 0
-        self.groups = prunable_groups(model, example, keep_layers=cfg.keep_layers)
+    plan: dict[str, int]
+    model: nn.Module
+    value: float
+    loss: float
+    steps: list[dict[str, Any]]
 
-    def __call__(self, plan: Mapping[str, int]) -> tuple[nn.Module, float, int, int]:
-        cfg = self.cfg
-        pruned = prune_to_plan(self.model, self.example, plan, importance=cfg.importance,
-                               keep_layers=cfg.keep_layers, batches=self.val, groups=self.groups)  # fmt: skip
-        if cfg.recalibrate_bn:
-            recalibrate_bn(pruned, self.bn)
-        loss, _ = evaluate(pruned, self.val, reference=self.reference)
-        macs, params = count_macs_params(pruned, self.example)
-        self.trials += 1
-        return pruned, loss, macs, params
+
+def _descend(pr: _Pruner, curves: Mapping[str, _Curve], walk: _Walk, *, stop: float, base: float,
+             candidates: int) -> _Walk:  # fmt: skip
+    """Take NetAdapt steps from `walk` until its value is at most `stop`: of the `candidates` groups the curves
+    rank cheapest, each tried one step smaller for real; the least loss per unit saved is taken. Every step's
+    plan is kept in `walk.steps` (the path the accuracy search and iterative pruning walk along)."""
+    cfg = pr.cfg
+    floor = {g: max(1, int(np.ceil(c.channels * (1 - cfg.max_layer_ratio)))) for g, c in curves.items()}
+    while walk.value > stop:
+        options = []
+        for g, c in curves.items():
+            nxt = max(floor[g], walk.plan[g] - _step_of(c.channels, cfg.channel_multiple))
+            nxt = nxt // cfg.channel_multiple * cfg.channel_multiple if nxt >= cfg.channel_multiple else nxt
+            if nxt >= walk.plan[g] or nxt < floor[g]:
+                continue
+            c0, s0 = c.at(walk.plan[g])
+            c1, s1 = c.at(nxt)
+            options.append(((c1 - c0 + 1e-9) / max(s1 - s0, 1e-9), g, nxt))
+        best = None
+        for _, g, nxt in sorted(options)[:candidates]:
+            pruned, loss, v = pr.measure({**walk.plan, g: nxt})
+            score = (loss - walk.loss) / max(walk.value - v, 1e-9)
+            if v < walk.value and (best is None or score < best[0]):
+                best = (score, g, nxt, pruned, loss, v)
+        if best is None:
+            break
+        _, g, nxt, walk.model, walk.loss, walk.value = best
+        walk.plan[g] = nxt
+        walk.steps.append({"group": g, "keep": nxt, "val_loss": round(walk.loss, 6),
+                           "achieved": round(walk.value / base, 4), "plan": dict(walk.plan)})  # fmt: skip
+    return walk
+
+
+def sensitivity_path(model: nn.Module, example: torch.Tensor, cfg: Pruning, sens: Mapping[str, Any], *,
+                     val: Sequence[Batch], bn: Sequence[Batch], down_to: float,
+                     candidates: int = 3) -> list[tuple[float, dict[str, int]]]:  # fmt: skip
+    """The NetAdapt path from the unpruned model down to `down_to` of its MACs (or params): (share kept, plan)
+    after every step, in decreasing order of the share kept, starting with the unpruned model (1.0)."""
+    pr = _Pruner(model, example, cfg, val, bn)
+    curves = _curves(sens, pr.metric)
+    macs0, params0 = count_macs_params(model, example)
+    base = float(macs0 if pr.metric == "macs" else params0)
+    walk = _Walk({g: c.channels for g, c in curves.items()}, model, base, sens["base"]["loss"], [])
+    _descend(pr, curves, walk, stop=down_to * base, base=base, candidates=candidates)
+    full = {g: c.channels for g, c in curves.items()}
+    return [(1.0, full)] + [(s["achieved"], s["plan"]) for s in walk.steps]
 
 
 def allocate(
@@ -229,49 +287,22 @@ def allocate(
     groups the sensitivity curves rank cheapest, each is tried one step smaller, pruned for real with
     BatchNorm re-estimated, and the step that raises the validation loss least per MAC (or param) saved is
     taken (NetAdapt's loop, with measured loss for accuracy). Stops at the target; if the last step went more
-    than `tolerance` under it, channels are given back (`_refine`)."""
+    than `tolerance` under it, channels are given back (`_refine`). The figures keep every step's plan."""
     metric, keep = cfg.target.metric, cfg.target.keep
     if metric not in ("macs", "params") or keep is None:
         raise PruningError("pruning.allocation: sensitivity allocates MAC or parameter targets (metric macs|params)")
+    pr = _Pruner(model, example, cfg, val, bn)
     curves = _curves(sens, metric)
-    measure = _Measured(model, example, cfg, val, bn)
     macs0, params0 = count_macs_params(model, example)
-    base = macs0 if metric == "macs" else params0
+    base = float(macs0 if metric == "macs" else params0)
     target = keep * base
-    plan = {g: c.channels for g, c in curves.items()}
-    floor = {g: max(1, int(np.ceil(c.channels * (1 - cfg.max_layer_ratio)))) for g, c in curves.items()}
-    loss = sens["base"]["loss"]
-    current, value, steps = model, float(base), []
-    while value > target * (1 + tolerance):
-        options = []
-        for g, c in curves.items():
-            nxt = max(floor[g], plan[g] - _step_of(c.channels, cfg.channel_multiple))
-            nxt = nxt // cfg.channel_multiple * cfg.channel_multiple if nxt >= cfg.channel_multiple else nxt
-            if nxt >= plan[g] or nxt < floor[g]:
-                continue
-            c0, s0 = c.at(plan[g])
-            c1, s1 = c.at(nxt)
-            options.append(((c1 - c0 + 1e-9) / max(s1 - s0, 1e-9), g, nxt))
-        if not options:
-            break
-        best = None
-        for _, g, nxt in sorted(options)[:candidates]:
-            pruned, l1, macs, params = measure({**plan, g: nxt})
-            v = macs if metric == "macs" else params
-            score = (l1 - loss) / max(value - v, 1e-9)
-            if v < value and (best is None or score < best[0]):
-                best = (score, g, nxt, pruned, l1, v)
-        if best is None:
-            break
-        _, g, nxt, current, loss, value = best
-        plan[g] = nxt
-        steps.append({"group": g, "keep": nxt, "val_loss": round(loss, 6), "achieved": round(value / base, 4)})
-    macs, params = count_macs_params(current, example)
-    best_t = (plan, current, value, macs, params, loss - sens["base"]["loss"])
+    walk = _Walk({g: c.channels for g, c in curves.items()}, model, base, sens["base"]["loss"], [])
+    _descend(pr, curves, walk, stop=target * (1 + tolerance), base=base, candidates=candidates)
+    macs, params = count_macs_params(walk.model, example)
+    best_t = (walk.plan, walk.model, walk.value, macs, params, walk.loss - sens["base"]["loss"])
     trials: list[dict[str, Any]] = []
-    if value < target * (1 - tolerance):
-        best_t = _refine(model, example, cfg, curves, best_t, target=target, tolerance=tolerance, batches=val,
-                         trials=trials, base=base)  # fmt: skip
+    if walk.value < target * (1 - tolerance):
+        best_t = _refine(pr, curves, best_t, target=target, tolerance=tolerance, trials=trials, base=base)
     if best_t[2] > target * (1 + tolerance):
         raise PruningError(
             f"cannot keep only {keep:.0%} of the {metric} within pruning.max_layer_ratio {cfg.max_layer_ratio} "
@@ -283,7 +314,7 @@ def allocate(
                          macs_before=macs0, macs_after=macs, params_before=params0, params_after=params,
                          layers=tuple(layer_channels(model, pruned)))  # fmt: skip
     within = abs(value / target - 1) <= tolerance
-    figures = {"plan": plan, "steps": steps, "refined": trials, "measured_trials": measure.trials,
+    figures = {"plan": plan, "steps": walk.steps, "refined": trials, "measured_trials": pr.trials,
                "val_loss_increase": round(cost, 6), "within_tolerance": within, "tolerance": tolerance}  # fmt: skip
     if not within:
         figures["why_not_within"] = (

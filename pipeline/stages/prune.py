@@ -57,7 +57,7 @@ class PruneOutcome:
 class PruneStage(Stage[PruneOutcome]):
     name = "prune"
     result = PruneOutcome
-    version = 2  # allocation figures; accuracy before fine-tuning on the validation split
+    version = 3  # accuracy search, iterative steps; BatchNorm re-estimated inside the schedule
 
     def inputs(self, ctx: Context) -> Mapping[str, Path]:
         out = {"model": ctx.get(BASELINE).model_path}
@@ -69,21 +69,31 @@ class PruneStage(Stage[PruneOutcome]):
         return out
 
     def config(self, ctx: Context) -> Mapping[str, Any]:
-        t = ctx.target
-        return {**t.pruning.model_dump(mode="json"), "val": ctx.data.describe()["val"], "seed": ctx.req.seed,
-                "budget_ms": t.budgets.latency_ms}  # fmt: skip
+        t, data = ctx.target, ctx.data.describe()
+        trains = t.pruning.target.metric == "accuracy" or t.pruning.steps > 1  # trials / steps distil
+        extra = {"finetune": t.finetune.model_dump(mode="json"), "train": data["train"]} if trains else {}
+        return {**t.pruning.model_dump(mode="json"), "val": data["val"], "seed": ctx.req.seed,
+                "budget_ms": t.budgets.latency_ms, "max_accuracy_drop": t.budgets.max_accuracy_drop,
+                **extra}  # fmt: skip
 
     def run(self, ctx: Context, out: Path) -> PruneOutcome:
         from pipeline.pruning.calibrate import evaluate, recalibrate_bn
 
         model = ctx.load(ctx.get(BASELINE).model_path)
-        if not ctx.target.pruning.enabled:
+        p = ctx.target.pruning
+        if not p.enabled:
             ctx.save(model, out / MODEL_FILE, {"stage": "prune", "pruned": False})
             return PruneOutcome(out, False)
         val, bn = decision_batches(ctx)
-        result, latency, allocation = self._prune(ctx, model, val)
-        if ctx.target.pruning.recalibrate_bn:
-            recalibrate_bn(result.model, bn)
+        latency = None
+        if p.target.metric == "accuracy":
+            result, allocation = _search(ctx, model, val, bn)  # trials are BatchNorm re-estimated
+        else:
+            result, latency, allocation = self._prune(ctx, model, val)
+            if p.steps > 1:
+                result, allocation = _iterate(ctx, model, val, bn, allocation)
+            elif p.recalibrate_bn:
+                recalibrate_bn(result.model, bn)
         _, acc = evaluate(result.model, val, reference=model if val and val[0][1] is None else None)
         ctx.save(result.model, out / MODEL_FILE, {"stage": "prune", **result.figures()})
         return PruneOutcome(out, True, result.figures(), latency, acc, allocation)
@@ -112,6 +122,66 @@ class PruneStage(Stage[PruneOutcome]):
         lp = prune_to_latency(model, ctx.example(), table, p, budget_ms=t.budgets.latency_ms,
                               measured_full_ms=measured)  # fmt: skip
         return lp.result, lp.figures, {"method": "latency table"}
+
+
+def _distiller(ctx: Context, teacher: Any) -> Any:
+    """(student, steps) -> the student distilled from `teacher` for that many steps (trials, iterative steps)."""
+    import math
+
+    from pipeline.train.distill import finetune_kd
+
+    cfg = ctx.target.finetune
+    n = min(len(ctx.data.train), cfg.max_train_images or len(ctx.data.train))
+
+    def distill(student: Any, steps: int) -> Any:
+        short = cfg.model_copy(update={"epochs": 1.0 / max(1, math.ceil(n / cfg.batch_size)), "min_steps": steps,
+                                       "early_stopping": False})  # fmt: skip
+        return finetune_kd(student, teacher, ctx.spec, ctx.data.train, short, seed=ctx.req.seed).model
+
+    return distill
+
+
+def _search(ctx: Context, model: Any, val: list[Any], bn: list[Any]) -> tuple[Any, dict[str, Any]]:
+    """`metric: accuracy`: the accuracy search (pipeline/pruning/search.py) over the share of MACs kept."""
+    import copy
+
+    from pipeline.pruning.calibrate import evaluate
+    from pipeline.pruning.schedule import Planner
+    from pipeline.pruning.search import search_keep
+
+    t, p = ctx.target, ctx.target.pruning
+    sens = ctx.get(SENSITIVITY).curves() if ctx.has(SENSITIVITY) else None
+    planner = Planner(model, ctx.example(), p, val=val, bn=bn, sens=sens)
+    scored = ctx.spec.batches(ctx.data.val, limit=p.search.images, seed=ctx.req.seed)
+    reference = model if scored and scored[0][1] is None else None
+    distill = _distiller(ctx, model)
+
+    def score(pruned: Any) -> float:
+        tuned = distill(pruned, p.search.finetune_steps) if p.search.finetune_steps else pruned
+        return evaluate(tuned, scored, reference=reference)[1]
+
+    base_acc = evaluate(model, scored, reference=reference)[1]
+    found = search_keep(planner.at, score, base_accuracy=base_acc, max_drop=t.budgets.max_accuracy_drop, cfg=p.search)
+    result = found.result or planner.result(copy.deepcopy(model), 1.0)
+    method = "sensitivity" if sens is not None else ("global" if p.global_pruning else "uniform")
+    return result, {"method": method, "search": found.figures(), "val_images_scored": sum(len(b[0]) for b in scored)}
+
+
+def _iterate(ctx: Context, model: Any, val: list[Any], bn: list[Any], allocation: dict[str, Any]) -> tuple[Any, dict]:
+    """`pruning.steps: N`: the one-shot allocation's target reached in N prune -> BN -> distil rounds."""
+    from pipeline.pruning.schedule import Planner, prune_iteratively
+
+    p = ctx.target.pruning
+    sens = ctx.get(SENSITIVITY).curves() if ctx.has(SENSITIVITY) else None
+    planner = Planner(model, ctx.example(), p, val=val, bn=bn, sens=sens)
+    final = allocation.get("plan") if sens is not None else None
+    if sens is not None:
+        planner.path = [(1.0, dict(ctx.get(SENSITIVITY).channels()))] + [
+            (s["achieved"], s["plan"]) for s in allocation.get("steps", [])]  # fmt: skip
+    assert p.target.keep is not None
+    result, rows = prune_iteratively(planner, p.target.keep, p.steps, distill=_distiller(ctx, model),
+                                     step_finetune=p.step_finetune_steps, final_plan=final)  # fmt: skip
+    return result, {**allocation, "iterative": rows}
 
 
 PRUNE = PruneStage()

@@ -1,6 +1,6 @@
 """Stage `sensitivity`: each prunable group pruned alone to each level, BatchNorm re-estimated, validation loss
 and accuracy measured (pipeline/pruning/sensitivity.py). Only for `pruning.allocation: sensitivity` with a
-MAC or parameter target; the prune stage spends its cut where these curves say it costs least."""
+MAC or parameter target or the accuracy search; the prune stage spends its cut where these curves say it costs least."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ class SensitivityResult:
     def curves(self) -> dict[str, Any]:
         return {"base": dict(self.base), "groups": dict(self.groups), "val_images": self.val_images}
 
+    def channels(self) -> dict[str, int]:
+        """Each prunable group's channel count in the unpruned model."""
+        return {g: int(e["channels"]) for g, e in self.groups.items()}
+
     def to_json(self) -> dict[str, Any]:
         return self.curves()
 
@@ -47,7 +51,7 @@ class SensitivityStage(Stage[SensitivityResult]):
 
     def applies(self, ctx: Context) -> bool:
         p = ctx.target.pruning
-        return p.enabled and p.allocation == "sensitivity" and p.target.metric in ("macs", "params")
+        return p.enabled and p.allocation == "sensitivity" and p.target.metric in ("macs", "params", "accuracy")
 
     def inputs(self, ctx: Context) -> Mapping[str, Path]:
         return {"model": ctx.get(BASELINE).model_path}

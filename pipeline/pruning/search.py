@@ -1,0 +1,107 @@
+"""`pruning.target: {metric: accuracy}`: prune as far as the accuracy budget allows, found by a bounded search.
+
+The search is over one number, the share of MACs kept (`keep`), between `search.min_keep` and 1. A trial
+prunes the unpruned model to `keep` (with the profile's allocation), re-estimates BatchNorm, fine-tunes briefly
+by distillation and scores the result on the validation split. The unpruned model passes by definition, so the
+first trial at `min_keep` either passes (nothing more to search) or brackets the edge; after that each trial is
+placed by interpolating accuracy against keep between the bracket's ends (regula falsi), kept at least a tenth of
+the bracket away from either end so that the bracket always shrinks (a bisection's guarantee, with faster steps
+where accuracy falls smoothly). The search stops at a passing trial within `search.tolerance` of the budget's
+edge, or after `search.trials` trials. The chosen trial is the passing one with the fewest MACs; every trial is
+recorded, including the ones that could not be pruned (a `keep` the channel constraints cannot reach)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from pipeline.errors import PruningError
+from pipeline.pruning.channels import PruneResult
+
+if TYPE_CHECKING:
+    from pipeline.targets import Search
+
+log = logging.getLogger(__name__)
+
+PruneAt = Callable[[float], PruneResult]  # keep (share of MACs) -> the pruned model, BatchNorm re-estimated
+Score = Callable[[nn.Module], float]  # pruned model -> validation accuracy after the trial's short fine-tune
+
+
+@dataclass
+class SearchOutcome:
+    """Every trial, and which one was chosen (None: no pruned trial met the budget, the model stays whole)."""
+
+    base_accuracy: float
+    max_drop: float
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    chosen: int | None = None
+    result: PruneResult | None = None
+
+    def figures(self) -> dict[str, Any]:
+        chosen = self.trials[self.chosen] if self.chosen is not None else None
+        edge = self.base_accuracy - self.max_drop
+        return {"base_val_accuracy": round(self.base_accuracy, 6), "max_accuracy_drop": self.max_drop,
+                "edge_val_accuracy": round(edge, 6), "trials": self.trials, "chosen": self.chosen,
+                "chosen_keep": None if chosen is None else chosen["keep_achieved"],
+                "distance_to_edge": None if chosen is None else round(chosen["val_accuracy"] - edge, 6)}  # fmt: skip
+
+
+def _next_keep(lo: tuple[float, float | None], hi: tuple[float, float], edge: float) -> float:
+    """The next keep inside the bracket (lo fails, hi passes): interpolated, at least 10% from either end."""
+    (k_lo, a_lo), (k_hi, a_hi) = lo, hi
+    width = k_hi - k_lo
+    interpolate = a_lo is not None and a_hi > a_lo
+    guess = k_lo + (edge - a_lo) / (a_hi - a_lo) * width if interpolate else k_lo + width / 2  # type: ignore[operator]
+    return min(max(guess, k_lo + 0.1 * width), k_hi - 0.1 * width)
+
+
+def _trial(prune_at: PruneAt, score: Score, keep: float, edge: float) -> tuple[dict[str, Any], PruneResult | None]:
+    start = time.monotonic()
+    try:
+        result = prune_at(keep)
+    except PruningError as exc:
+        row = {"keep_target": round(keep, 4), "keep_achieved": None, "macs": None, "params": None,
+               "val_accuracy": None, "passed": False, "error": str(exc)}  # fmt: skip
+        return {**row, "seconds": round(time.monotonic() - start, 2)}, None
+    acc = score(result.model)
+    row = {"keep_target": round(keep, 4), "keep_achieved": round(result.keep_achieved, 4), "macs": result.macs_after,
+           "params": result.params_after, "val_accuracy": round(acc, 6), "passed": acc >= edge - 1e-12,
+           "seconds": round(time.monotonic() - start, 2)}  # fmt: skip
+    return row, result
+
+
+def search_keep(
+    prune_at: PruneAt, score: Score, *, base_accuracy: float, max_drop: float, cfg: Search
+) -> SearchOutcome:
+    """The least `keep` whose trial stays within `max_drop` of `base_accuracy` (validation), in at most
+    `cfg.trials` trials; see the module docstring."""
+    out = SearchOutcome(base_accuracy, max_drop)
+    edge = base_accuracy - max_drop
+    lo: tuple[float, float | None] = (cfg.min_keep, None)
+    hi: tuple[float, float] = (1.0, base_accuracy)
+    best: tuple[float, int, PruneResult] | None = None
+    keep = cfg.min_keep
+    for i in range(cfg.trials):
+        row, result = _trial(prune_at, score, keep, edge)
+        out.trials.append(row)
+        log.info("accuracy search trial %d: keep %.3f -> %s", i + 1, keep, row.get("val_accuracy"))
+        achieved = row["keep_achieved"] if row["keep_achieved"] is not None else keep
+        if row["passed"] and result is not None:
+            if best is None or achieved < best[0]:
+                best = (achieved, i, result)
+            hi = (achieved, row["val_accuracy"])
+            if row["val_accuracy"] - edge <= cfg.tolerance or i == 0:
+                break  # at the edge, or even min_keep passes
+        else:
+            lo = (max(lo[0], achieved if row["keep_achieved"] is not None else keep), row["val_accuracy"])
+        if hi[0] - lo[0] < 0.01:
+            break  # the bracket is narrower than one step of any layer's channels
+        keep = _next_keep(lo, hi, edge)
+    if best is not None:
+        out.chosen, out.result = best[1], best[2]
+    return out
