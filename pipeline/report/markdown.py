@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline.report.format import pct, ratio
@@ -70,7 +70,37 @@ def _pruning(pr: Mapping[str, Any]) -> list[str]:
         ]
         if pr.get("allocation_note"):
             lines += [f"Target not met within 2%: {pr['allocation_note']}.", ""]
+        lines += _search(pr.get("search")) + _iterative(pr.get("iterative"))
     return lines
+
+
+def _search(search: Mapping[str, Any] | None) -> list[str]:
+    if not search:
+        return []
+    trials, chosen = search["trials"], search.get("chosen")
+    head = (f"Accuracy search (`pruning.target: {{metric: accuracy}}`): {len(trials)} trials, each pruned, "
+            f"fine-tuned briefly and scored on the validation split against the edge "
+            f"{pct(search['edge_val_accuracy'])} (unpruned {pct(search['base_val_accuracy'])} minus the "
+            f"{100 * search['max_accuracy_drop']:.1f}-point budget); ")  # fmt: skip
+    head += ("no pruned trial stayed within it, so the model is not pruned." if chosen is None else
+             f"chosen: trial {chosen + 1}, {pct(trials[chosen]['keep_achieved'])} of the MACs, "
+             f"{100 * search['distance_to_edge']:.2f} points above the edge.")  # fmt: skip
+    lines = [head, "", "| trial | keep asked | MACs kept | val accuracy | within budget | seconds |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for i, t in enumerate(trials):
+        kept = "n/a" if t["keep_achieved"] is None else pct(t["keep_achieved"])
+        acc = t.get("error") or pct(t["val_accuracy"])
+        lines.append(f"| {i + 1}{' (chosen)' if i == chosen else ''} | {pct(t['keep_target'])} | {kept} | {acc} "
+                     f"| {'yes' if t['passed'] else 'no'} | {t['seconds']} |")  # fmt: skip
+    return [*lines, ""]
+
+
+def _iterative(rows: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    if not rows:
+        return []
+    steps = ", ".join(f"{pct(r['keep_achieved'])}" for r in rows)
+    return [f"Iterative pruning: {len(rows)} steps (MACs kept after each: {steps}), BatchNorm re-estimated after "
+            f"each and {rows[0]['distilled_steps']} distillation steps between them.", ""]  # fmt: skip
 
 
 def _allocation(pr: Mapping[str, Any]) -> str:
@@ -165,6 +195,8 @@ def _latency_model(s: Mapping[str, Any]) -> list[str]:
             f"Channels chosen against the measured per-layer table; the measured latency {verdict}.",
             "",
         ]
+        if (lm.get("table") or {}).get("where"):
+            lines += [f"The {lm['table']['where']}.", ""]
     return lines
 
 

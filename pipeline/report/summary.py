@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.runner import tool_versions
 from pipeline.stages import BASELINE, EDGETPU, FINETUNE, PROFILE, PRUNE, SENSITIVITY, VERIFY, Context
+from pipeline.stages.latency_table import table_summary
 from pipeline.stages.verify import baseline_label
 
 
@@ -80,15 +81,18 @@ def summarize(ctx: Context) -> dict[str, Any]:
             "accuracy_torch_before_finetune": pruned.accuracy_before_finetune,  # validation split
             "allocation": (pruned.allocation or {}).get("method"),
             "allocation_note": (pruned.allocation or {}).get("why_not_within"),
+            "search": (pruned.allocation or {}).get("search"),  # metric: accuracy, every trial
+            "iterative": (pruned.allocation or {}).get("iterative"),  # pruning.steps > 1, every step
             "finetune_best_step": tuned.best_step,
             "accuracy_torch": tuned.accuracy,
             "finetune_steps": tuned.steps, "finetune_images": tuned.images_seen,
             "layers": pruned.layers,
         },
         "variants": variants,
-        "latency_model": _latency_model(pruned.latency, shipped),
+        "latency_model": _latency_model(pruned.latency, shipped, table_summary(ctx, ctx.get(PROFILE).devices)),
         "budgets": _budgets(t, base_acc=base.accuracy, shipped=shipped, on_device=on_device, edgetpu=_edgetpu(ctx)),
         "devices": device_rows(ctx.get(PROFILE).devices),
+        "op_profile": getattr(ctx.get(PROFILE), "op_profile", None),  # per op on the device (where the time goes)
         "edgetpu": _edgetpu(ctx),
         "sensitivity": ctx.get(SENSITIVITY).curves() if ctx.has(SENSITIVITY) else None,
         "stages": {n: {"seconds": r.seconds, "skipped": r.skipped} for n, r in ctx.records.items()},
@@ -134,11 +138,13 @@ def _edgetpu(ctx: Context) -> dict[str, Any] | None:
             "dir": str(et.folder)}  # fmt: skip
 
 
-def _latency_model(fig: Mapping[str, Any] | None, shipped: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Prediction beside measurement for a model pruned against the latency table."""
+def _latency_model(fig: Mapping[str, Any] | None, shipped: Mapping[str, Any],
+                   table: Mapping[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
+    """Prediction beside measurement for a model pruned against the latency table (measured on the table's
+    own device where the profile stage timed it there)."""
     if not fig:
         return None
-    measured = shipped["latency_ms"]["p50"]
+    measured = (table or {}).get("shipped_ms") or shipped["latency_ms"]["p50"]
     return {
         "budget_ms": fig["budget_ms"],
         "predicted_ms": fig["predicted_ms"],
@@ -147,6 +153,7 @@ def _latency_model(fig: Mapping[str, Any] | None, shipped: Mapping[str, Any]) ->
         "unpruned_measured_ms": fig["unpruned_measured_ms"],
         "remainder_ms": fig["remainder_ms"],
         "plan": fig["plan"],
+        "table": dict(table) if table else None,  # where the table was measured (latency_table stage)
     }
 
 
