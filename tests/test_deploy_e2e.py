@@ -294,3 +294,43 @@ def test_deploy_profiles_on_a_device_over_real_ssh(workspace: dict, sshd) -> Non
     assert sshd.accepted_logins() >= 1
     text = (result.bundle / "report.md").read_text()
     assert "## Devices" in text and device in text
+
+
+def test_the_accuracy_search_ships_only_within_its_budget_and_auto_picks_the_fastest(workspace: dict) -> None:
+    """`pruning.target: {metric: accuracy}` with `quantize.ship: auto`: every trial is recorded, the chosen one
+    passed on validation, and what ships (if anything) is within the accuracy budget on the test split, in the
+    fastest precision measured within it; otherwise the deploy stops and publishes nothing."""
+    from dataclasses import replace
+
+    tmp = workspace["tmp"] / "search"
+    tmp.mkdir(exist_ok=True)
+    data = yaml.safe_load(_profile(tmp).read_text())
+    data["budgets"]["max_accuracy_drop"] = 0.05
+    data["pruning"]["target"] = {"metric": "accuracy"}
+    data["pruning"]["search"] = {"trials": 4, "finetune_steps": 40, "images": 400}
+    data["quantize"]["ship"] = "auto"
+    (tmp / "tinyhost.yaml").write_text(yaml.safe_dump(data))
+    req = replace(workspace["request"](tmp / "tinyhost.yaml"), artifacts_dir=tmp / "artifacts")
+    try:
+        result = deploy(req)
+    except BudgetError as exc:
+        assert "accuracy drop" in str(exc) and not (tmp / "artifacts" / "tinyhost").exists()
+        summary = json.loads((workspace["tmp"] / "runs" / "tinyhost" / "summary.json").read_text())
+    else:
+        summary = result.summary
+        drop = {b["name"]: b for b in summary["budgets"]}["accuracy drop"]
+        assert drop["status"] == "met" and drop["value"] <= 0.05
+        assert "Accuracy search" in (result.bundle / "report.html").read_text()
+    search = summary["pruned"]["search"]
+    assert 1 <= len(search["trials"]) <= 4
+    if search["chosen"] is not None:
+        chosen = search["trials"][search["chosen"]]
+        assert chosen["passed"] and chosen["val_accuracy"] >= search["edge_val_accuracy"]
+        assert summary["pruned"]["macs"] < summary["baseline"]["macs"]
+    choice = summary["precision_choice"]
+    assert choice["chosen"] == summary["shipped_precision"]
+    within = [c for c in choice["candidates"] if c["within_budget"]]
+    if within:
+        assert summary["variants"][choice["chosen"]]["latency_ms"]["p50"] == min(c["p50_ms"] for c in within)
+    # the unpruned model was converted and timed in every precision: the before/after compares like with like
+    assert summary["baseline"]["tflite"]["size_bytes"] > 0

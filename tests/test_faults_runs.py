@@ -433,7 +433,7 @@ def _wait_for(deploy: Deploy, ready: Callable[[], bool], what: str, timeout: flo
         time.sleep(0.002)
 
 
-KILL_AT = ["prune", "finetune", "convert", "verify", "profile", "bundle"]
+KILL_AT = ["sensitivity", "prune", "finetune", "convert", "verify", "profile", "bundle"]
 
 
 def _trigger(run: Path, stage: str) -> tuple[Callable[[], bool], float]:

@@ -174,3 +174,19 @@ def test_a_small_table_measured_with_the_real_runtime(tmp_path) -> None:
     assert table.runtime in {"ai-edge-litert", "tflite-runtime", "tensorflow"} and table.runtime_version
     assert table.layer_ms(layers[0], 16, 32) == pytest.approx(ms[0, 1])
     assert not list(tmp_path.iterdir())  # the probes lived in a temporary folder
+
+
+def test_allocation_spends_the_budget_where_measured_loss_per_millisecond_is_lowest() -> None:
+    """With the sensitivity curves' cost, a group whose cut costs much validation loss is spared even where its
+    step saves the most time per importance lost."""
+    layers, groups = _staircase_layers()
+    table = _staircase_table()
+    imp = {g: np.linspace(0.0, 1.0, n) for g, n in groups.items()}
+    full = table.predict(layers, groups)
+    budget = full - 0.02  # reachable by trimming b alone (b is worth ~0.06 ms) or by a's big step
+    plain = allocate(layers, groups, imp, table, budget_ms=budget, multiple=8, max_ratio=0.75)
+    costly_a = allocate(layers, groups, imp, table, budget_ms=budget, multiple=8, max_ratio=0.75,
+                        cost=lambda g, kept, lower: (kept - lower) * (10.0 if g == "a" else 0.01))  # fmt: skip
+    assert plain.plan["a"] < 64  # by importance per millisecond, a's step is the better buy
+    assert costly_a.plan["a"] == 64 and costly_a.plan["b"] < 64  # by measured loss, b pays instead
+    assert costly_a.predicted_ms <= budget

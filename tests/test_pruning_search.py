@@ -113,7 +113,7 @@ def test_an_accuracy_search_without_an_accuracy_budget_is_a_clear_error(tmp_path
     with pytest.raises(TargetConfigError, match=r"mine.yaml.*budgets.max_accuracy_drop.*0.01 = one point"):
         load_target(str(profile))
     assert load_target(str(profile), overrides=("budgets.max_accuracy_drop=0.01",)).pruning.target.metric == "accuracy"
-    with pytest.raises(TargetConfigError, match="budgets.max_accuracy_drop"):
+    with pytest.raises(TargetConfigError, match=r"budgets\.max_accuracy_drop"):
         load_target(str(profile), overrides=("budgets.max_accuracy_drop=0",))
 
 

@@ -1,7 +1,8 @@
 """Choose per-group channel counts that fit a latency budget and keep the most important channels.
 
 Greedy, NetAdapt-style, driven by the measured table instead of MACs: from the full model, repeatedly take
-the move (one group down to a lower candidate count) with the least importance lost per millisecond saved,
+the move (one group down to a lower candidate count) with the least cost per millisecond saved (the measured
+validation loss from the sensitivity stage when it ran, else the importance criterion's share lost),
 until the predicted latency fits. A move may skip several candidates: on a staircase the next step down
 often saves nothing, and only crossing a step boundary pays.
 """
@@ -9,7 +10,7 @@ often saves nothing, and only crossing a step boundary pays.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,10 @@ def allocate(
     budget_ms: float,
     multiple: int,
     max_ratio: float,
+    cost: Callable[[str, int, int], float] | None = None,
 ) -> Allocation:
+    """`cost(group, kept, lower)`: the measured validation loss the move costs (the sensitivity curves); the
+    importance criterion's share of the removed channels breaks ties (and is the whole cost without it)."""
     plan = dict(groups)
     full_ms = predicted = table.predict(layers, plan)
     options = {
@@ -56,6 +60,8 @@ def allocate(
                 if saving <= 1e-9:
                     continue
                 lost = float(importance[g][removed_so_far : groups[g] - lower].sum()) if g in importance else 0.0
+                if cost is not None:
+                    lost = cost(g, kept, lower) + 1e-3 * lost
                 score = lost / saving
                 if best is None or score < best[0]:
                     best = (score, g, lower, ms)

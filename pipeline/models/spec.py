@@ -28,6 +28,9 @@ class ModelSpec:
     std: tuple[float, ...]
     class_names: tuple[str, ...]
     default_checkpoint: str | None = None  # path relative to the repository root, or None
+    # fine-tuning augmentation (pipeline/train/augment.py): "shift" (small shifts, safe for any image task) or
+    # "rgb" (random resized crop, horizontal flip, colour jitter: photos, which a model opts into)
+    augment: str = "shift"
 
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
         """uint8 NHWC images -> normalized float32 NCHW tensor."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +41,11 @@ def prune_to_latency(
     *,
     budget_ms: float,
     measured_full_ms: float,
+    sensitivity: Mapping[str, Any] | None = None,
 ) -> LatencyPrune:
-    """Allocate channels against the table (scaled to the measured unpruned model), prune."""
+    """Allocate channels against the table (scaled to the measured unpruned model), prune. With the
+    sensitivity stage's curves the budget is spent where measured validation loss per millisecond saved is
+    lowest, else where the importance criterion loses least."""
     importance, keep_layers = cfg.importance, cfg.keep_layers
     channel_multiple, max_ratio = cfg.channel_multiple, cfg.max_layer_ratio
     model = model.eval()
@@ -50,7 +54,13 @@ def prune_to_latency(
     layer_sum = table.layer_sum(layers, groups)
     table = table.calibrated(layers, groups, measured_full_ms)
     imp = group_importance(model, example, importance=importance, keep_layers=keep_layers)
-    alloc = allocate(layers, groups, imp, table, budget_ms=budget_ms, multiple=channel_multiple, max_ratio=max_ratio)
+    cost = None
+    if sensitivity is not None:
+        from pipeline.pruning.sensitivity import loss_cost
+
+        cost = loss_cost(sensitivity)
+    alloc = allocate(layers, groups, imp, table, budget_ms=budget_ms, multiple=channel_multiple, max_ratio=max_ratio,
+                     cost=cost)  # fmt: skip
     pruned = prune_to_plan(model, example, alloc.plan, importance=importance, keep_layers=keep_layers)
     if alloc.steps == 0:
         pruned = copy.deepcopy(model)
@@ -76,6 +86,7 @@ def prune_to_latency(
         "calibration_scale": round(table.scale, 4),
         "remainder_ms": round(measured_full_ms - layer_sum, 5),  # at full width; carried as a share when pruned
         "allocation_steps": alloc.steps,
+        "cost": "measured validation loss (sensitivity)" if cost is not None else f"{importance} importance",
         "plan": alloc.plan,
     }
     return LatencyPrune(result, figures)

@@ -121,6 +121,18 @@ def _curves(sens: Mapping[str, Any], metric: str) -> dict[str, _Curve]:
     return out
 
 
+def loss_cost(sens: Mapping[str, Any]) -> Callable[[str, int, int], float]:
+    """(group, kept, lower) -> the validation loss increase the sensitivity curves predict for cutting that
+    group from `kept` to `lower` channels (0 for a group the curves do not cover)."""
+    curves = _curves(sens, "macs")
+
+    def cost(group: str, kept: int, lower: int) -> float:
+        c = curves.get(group)
+        return 0.0 if c is None else max(0.0, c.at(lower)[0] - c.at(kept)[0])
+
+    return cost
+
+
 class _Pruner:
     """Prunes plans of one model for real: the pruned copy with its MACs, params and the target metric's value;
     `measure` also re-estimates BatchNorm and scores it on the validation batches (loss)."""

@@ -1,5 +1,6 @@
 """Stage `convert_baseline`: the unpruned model to TFLite in the shipped precision (every precision under
-`quantize.ship: auto`), for the before/after table. `ConvertStage` is also the `convert` stage of the fine-tuned model (stages/convert.py)."""
+`quantize.ship: auto`), for the before/after table. `ConvertStage` is also the `convert` stage of the
+fine-tuned model (stages/convert.py)."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ class PruneStage(Stage[PruneOutcome]):
     @staticmethod
     def _prune(ctx: Context, model: Any, val: list[Any]) -> tuple[Any, Mapping[str, Any] | None, dict[str, Any]]:
         t, p = ctx.target, ctx.target.pruning
-        if ctx.has(SENSITIVITY):
+        if ctx.has(SENSITIVITY) and not ctx.has(LATENCY_TABLE):
             from pipeline.pruning.sensitivity import allocate
 
             _, bn = decision_batches(ctx)
@@ -119,9 +119,11 @@ class PruneStage(Stage[PruneOutcome]):
         base_tflite = ctx.get(CONVERT_BASELINE).tflite(t.quantize.plan_precision)
         measured = profile_local(base_tflite, bench_settings(t, on_host=True))["latency_ms"]["p50"]
         table = LatencyTable.load(ctx.get(LATENCY_TABLE).table_path)
+        sens = ctx.get(SENSITIVITY).curves() if ctx.has(SENSITIVITY) else None
         lp = prune_to_latency(model, ctx.example(), table, p, budget_ms=t.budgets.latency_ms,
-                              measured_full_ms=measured)  # fmt: skip
-        return lp.result, lp.figures, {"method": "latency table"}
+                              measured_full_ms=measured, sensitivity=sens)  # fmt: skip
+        method = "latency table, measured sensitivity" if sens is not None else "latency table"
+        return lp.result, lp.figures, {"method": method}
 
 
 def _distiller(ctx: Context, teacher: Any) -> Any:

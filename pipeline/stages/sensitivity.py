@@ -1,6 +1,7 @@
 """Stage `sensitivity`: each prunable group pruned alone to each level, BatchNorm re-estimated, validation loss
-and accuracy measured (pipeline/pruning/sensitivity.py). Only for `pruning.allocation: sensitivity` with a
-MAC or parameter target or the accuracy search; the prune stage spends its cut where these curves say it costs least."""
+and accuracy measured (pipeline/pruning/sensitivity.py). Only for `pruning.allocation: sensitivity`; the prune
+stage spends its cut where these curves say it costs least: for a MAC or parameter target, the accuracy
+search, and the latency table's allocation (loss per millisecond saved)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class SensitivityStage(Stage[SensitivityResult]):
 
     def applies(self, ctx: Context) -> bool:
         p = ctx.target.pruning
-        return p.enabled and p.allocation == "sensitivity" and p.target.metric in ("macs", "params", "accuracy")
+        return p.enabled and p.allocation == "sensitivity"
 
     def inputs(self, ctx: Context) -> Mapping[str, Path]:
         return {"model": ctx.get(BASELINE).model_path}

@@ -1,0 +1,219 @@
+"""Benchmark: three ways to prune, compared at equal MEASURED latency and the same fine-tune, in one run.
+
+    python -m bench.pruning_methods [--models fmnist_cnn resnet_fm mobilenetv2_fm] [--levels 0.7 0.5]
+
+Per model (its own checkpoint, Fashion-MNIST; the decisions read the validation split carved from train):
+1. the unpruned model is converted to fp32 TFLite and timed at 1 thread (ai-edge-litert, XNNPACK);
+2. for each latency level (a share of that p50) and each method, the share of MACs kept is adjusted until the
+   converted, pruned model measures within 4% of the level (at most --latency-iters conversions; latency does not
+   depend on the weights, so this is done before fine-tuning):
+   - `tp-l2`: plain Torch-Pruning, one uniform channel ratio, L2 magnitude, no channel rounding;
+   - `tp-taylor-global`: Torch-Pruning's global ranking with first-order Taylor importance (gradients on
+     validation batches), no channel rounding;
+   - `ours`: edgeship's default: sensitivity-measured allocation (NetAdapt path), channel multiple 8,
+     BatchNorm re-estimated;
+3. every pruned model gets the same distillation fine-tune (--finetune-steps, early stopping on validation),
+   then is converted and scored on the test split (read only here);
+4. every file is timed again in --rounds round-robin passes (median of the per-pass p50s): the table's latency.
+Prints the table and rewrites the "Pruning methods at equal latency" section of BENCHMARKS.md with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.latency_pruning import _convert, _measure_all, _tflite_accuracy, _write_section
+from pipeline.artifacts import write_json_atomic
+from pipeline.bench import BenchSettings, profile_local
+from pipeline.data.sources import DataPlan
+from pipeline.deploy import REPO
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.models.zoo import get_model_spec
+from pipeline.pruning.channels import PruneResult, count_macs_params, prune_to_target
+from pipeline.pruning.schedule import Planner
+from pipeline.pruning.sensitivity import measure_sensitivity
+from pipeline.targets import Finetune, PruneTarget, Pruning
+from pipeline.train.distill import finetune_kd
+
+SECTION = "## Pruning methods at equal latency"
+METHODS = {"tp-l2": "plain Torch-Pruning, uniform L2", "tp-taylor-global": "Torch-Pruning global Taylor",
+           "ours": "ours (sensitivity, multiple 8, BN re-estimated)"}  # fmt: skip
+log = logging.getLogger("bench.pruning_methods")
+
+
+@dataclass
+class Variant:
+    model: str
+    method: str
+    level: float | None
+    tflite: Path
+    macs: int
+    keep: float = 1.0
+    accuracy: float | None = None
+    search: list[dict[str, float]] = field(default_factory=list)  # (keep, measured ratio) tried
+    p50s: list[float] = field(default_factory=list)
+
+    @property
+    def measured_ms(self) -> float:
+        import statistics
+
+        return statistics.median(self.p50s)
+
+
+def _cfg(method: str, keep: float) -> Pruning:
+    target = PruneTarget(metric="macs", keep=min(keep, 1.0))
+    if method == "tp-l2":
+        return Pruning(target=target, channel_multiple=1, importance="l2", allocation="uniform", recalibrate_bn=False)
+    if method == "tp-taylor-global":
+        return Pruning(target=target, channel_multiple=1, importance="taylor", allocation="uniform",
+                       global_pruning=True, recalibrate_bn=False)  # fmt: skip
+    return Pruning(target=target, channel_multiple=8, importance="l2", allocation="sensitivity")
+
+
+class Methods:
+    """Prunes one model by each method to a share of its MACs."""
+
+    def __init__(self, base: torch.nn.Module, ex: torch.Tensor, val: list, bn: list) -> None:
+        self.base, self.ex, self.val, self.bn = base, ex, val, bn
+        self.sens = measure_sensitivity(base, ex, _cfg("ours", 0.5), val=val, bn=bn)
+        self.planner = Planner(base, ex, _cfg("ours", 0.5), val=val, bn=bn, sens=self.sens)
+
+    def prune(self, method: str, keep: float) -> PruneResult:
+        if method == "ours":
+            return self.planner.at(keep)
+        return prune_to_target(self.base, self.ex, _cfg(method, keep), batches=self.val)
+
+
+def _at_latency(methods: Methods, method: str, level: float, full_ms: float, spec, data, work: Path,
+                settings: BenchSettings, iters: int) -> tuple[PruneResult, list[dict[str, float]]]:  # fmt: skip
+    """The pruned model whose converted fp32 file measures closest to `level` x the unpruned p50."""
+    keep, tried, best = level, [], None
+    for i in range(iters):
+        result = methods.prune(method, keep)
+        path = _convert(result.model, spec, work / f"probe-{method}-{level:g}-{i}", "fp32", data)
+        ratio = profile_local(path, settings)["latency_ms"]["p50"] / full_ms
+        tried.append({"keep": round(keep, 4), "macs_kept": round(result.keep_achieved, 4), "ratio": round(ratio, 4)})
+        if best is None or abs(ratio - level) < abs(best[1] - level):
+            best = (result, ratio)
+        if abs(ratio / level - 1) <= 0.04:
+            break
+        keep = min(1.0, keep * (level / ratio) ** 0.8)  # latency ~ MACs, damped
+    assert best is not None
+    return best[0], tried
+
+
+def _finetune(student: torch.nn.Module, teacher: torch.nn.Module, spec, data: DataPlan, args, val) -> torch.nn.Module:
+    cfg = Finetune(epochs=0.01, batch_size=128, min_steps=args.finetune_steps, evaluations=6,
+                   max_train_images=args.train_images)  # fmt: skip
+    return finetune_kd(student, teacher, spec, data.train, cfg, seed=0, val=val).model
+
+
+def run_model(name: str, args: argparse.Namespace, settings: BenchSettings) -> list[Variant]:
+    spec = get_model_spec(name)
+    data = DataPlan(spec, test_limit=args.test_images)
+    work = REPO / "runs" / "bench-methods" / name
+    base = load_checkpoint(REPO / spec.default_checkpoint, spec.build())[0].eval()
+    ex = torch.zeros(1, *spec.input_shape)
+    macs0, _ = count_macs_params(base, ex)
+    val = spec.batches(data.val, limit=500, seed=0)
+    bn = spec.batches(data.train, limit=256, seed=1)
+    unpruned = Variant(name, "unpruned", None, _convert(base, spec, work / "unpruned", "fp32", data), macs0)
+    unpruned.accuracy = _tflite_accuracy(unpruned.tflite, "fp32", base, spec, data, 1)
+    full_ms = profile_local(unpruned.tflite, settings)["latency_ms"]["p50"]
+    log.info("%s unpruned fp32 %.4f ms, accuracy %.4f", name, full_ms, unpruned.accuracy)
+    methods, out = Methods(base, ex, val, bn), [unpruned]
+    for level in args.levels:
+        for method in METHODS:
+            result, tried = _at_latency(methods, method, level, full_ms, spec, data, work, settings,
+                                        args.latency_iters)  # fmt: skip
+            tuned = _finetune(result.model, base, spec, data, args, val)
+            path = _convert(tuned, spec, work / f"{method}-{level:g}", "fp32", data)
+            v = Variant(name, method, level, path, count_macs_params(tuned, ex)[0], result.keep_achieved, search=tried)
+            v.accuracy = _tflite_accuracy(path, "fp32", tuned, spec, data, 1)
+            log.info("%s %s @%g: MACs %.3f, accuracy %.4f", name, method, level, v.macs / macs0, v.accuracy)
+            out.append(v)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = BenchSettings(threads=1, warmup=20, runs=200, min_seconds=args.min_seconds)
+    t0 = time.perf_counter()
+    variants = [v for name in args.models for v in run_model(name, args, settings)]
+    _measure_all(variants, settings, args.rounds)  # type: ignore[arg-type]
+    result = {"command": _command(), "seconds": round(time.perf_counter() - t0), "machine": platform.machine(),
+              "cores": len(os.sched_getaffinity(0)), "rounds": args.rounds, "finetune_steps": args.finetune_steps,
+              "variants": [{**{k: getattr(v, k) for k in ("model", "method", "level", "macs", "keep", "accuracy",
+                                                          "search", "p50s")},
+                            "tflite": str(v.tflite), "measured_ms": v.measured_ms} for v in variants]}  # fmt: skip
+    write_json_atomic(REPO / "runs" / "bench-methods" / "result.json", result)
+    return result
+
+
+def _command(argv: list[str] | None = None) -> str:
+    return ("python -m bench.pruning_methods " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
+
+
+def table(r: dict[str, Any]) -> tuple[list[str], list[str]]:
+    rows = ["| model | latency level | method | MACs x | measured p50 ms | x unpruned | accuracy % | drop (points) "
+            "| vs plain TP (points) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    notes = []
+    by = {(v["model"], v["method"], v["level"]): v for v in r["variants"]}
+    for v in r["variants"]:
+        un = by[(v["model"], "unpruned", None)]
+        drop = 100 * (un["accuracy"] - v["accuracy"])
+        plain = by.get((v["model"], "tp-l2", v["level"]))
+        vs = f"{100 * (v['accuracy'] - plain['accuracy']):+.2f}" if plain and v["method"] != "tp-l2" else "-"
+        level = "-" if v["level"] is None else f"{v['level']:g}"
+        name = METHODS.get(v["method"], "unpruned")
+        x = v["measured_ms"] / un["measured_ms"]
+        rows.append(f"| {v['model']} | {level} | {name} | {v['macs'] / un['macs']:.3f} | {v['measured_ms']:.4f} "
+                    f"| {x:.3f} | {100 * v['accuracy']:.2f} | {drop:.2f} | {vs} |")  # fmt: skip
+        if v["method"] == "ours" and plain:
+            notes.append(f"{v['model']} at {level}x: ours {drop:.2f}-point drop, {vs} points vs plain Torch-Pruning "
+                         f"at {v['measured_ms'] / plain['measured_ms']:.2f}x its latency")  # fmt: skip
+    return rows, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["fmnist_cnn", "resnet_fm", "mobilenetv2_fm"])
+    ap.add_argument("--levels", type=float, nargs="+", default=[0.7, 0.5])
+    ap.add_argument("--finetune-steps", type=int, default=300)
+    ap.add_argument("--train-images", type=int, default=30000)
+    ap.add_argument("--test-images", type=int, default=2000)
+    ap.add_argument("--latency-iters", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--min-seconds", type=float, default=0.5)
+    ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--from-result", type=Path)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    r = json.loads(args.from_result.read_text()) if args.from_result else run(args)
+    rows, notes = table(r)
+    print("\n".join(rows))
+    if args.no_write:
+        return 0
+    body = [SECTION, "", f"Command: `{r['command']}` ({r['seconds']} s). Machine: {r['machine']}, {r['cores']} cores, "
+            f"ai-edge-litert fp32 at 1 thread; every file timed in {r['rounds']} round-robin passes (median of the "
+            f"per-pass p50s). Same fine-tune for every method: {r['finetune_steps']} distillation steps, early "
+            "stopping on the validation split; accuracy of the converted .tflite on the test split.", "", *rows, "",
+            "Reading: " + "; ".join(notes) + ".", ""]  # fmt: skip
+    _write_section(args.out, SECTION, "\n".join(body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
