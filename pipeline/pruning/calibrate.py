@@ -21,10 +21,16 @@ def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def _on(x: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    return x if device is None or x.device == torch.device(device) else x.to(device, non_blocking=True)
+
+
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Sequence[Batch]) -> nn.Module:
+def recalibrate_bn(model: nn.Module, batches: Sequence[Batch], *, device: torch.device | str | None = None
+                   ) -> nn.Module:  # fmt: skip
     """Re-estimate every BatchNorm's running mean and variance on `batches` (a cumulative average over all of
-    them), in place; the rest of the model stays in eval mode. Returns the model, in eval mode."""
+    them), in place; the rest of the model stays in eval mode. Returns the model, in eval mode. `device`: where
+    the model is (each batch is moved there; None: the batches' own device, the CPU by default)."""
     bns = batchnorms(model)
     if not bns or not batches:
         return model.eval()
@@ -36,7 +42,7 @@ def recalibrate_bn(model: nn.Module, batches: Sequence[Batch]) -> nn.Module:
         m.train()
     try:
         for x, _ in batches:
-            model(x)
+            model(_on(x, device))
     finally:
         for m in bns:
             m.momentum = momentum[m]
@@ -45,17 +51,22 @@ def recalibrate_bn(model: nn.Module, batches: Sequence[Batch]) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[Batch], *, reference: nn.Module | None = None) -> tuple[float, float]:
+def evaluate(model: nn.Module, batches: Sequence[Batch], *, reference: nn.Module | None = None,
+             device: torch.device | str | None = None) -> tuple[float, float]:  # fmt: skip
     """(mean loss, accuracy) of `model` on `batches`: cross-entropy against the labels, or, for unlabelled
-    batches, against the top-1 class of `reference` (the unpruned model), accuracy then being agreement."""
+    batches, against the top-1 class of `reference` (the unpruned model), accuracy then being agreement.
+    `device`: where the model (and reference) are; each batch is moved there (None: as the batches are)."""
     model.eval()
     total_loss, correct, n = 0.0, 0, 0
     for x, y in batches:
-        logits = model(x)
+        x = _on(x, device)
+        logits = model(x).float()
         if y is None:
             if reference is None:
                 raise ValueError("unlabelled batches need a reference model")
             y = reference.eval()(x).argmax(1)
+        else:
+            y = _on(y, device)
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
         n += len(x)

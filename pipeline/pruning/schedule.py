@@ -43,17 +43,19 @@ class Planner:
         self.metric = "params" if cfg.target.metric == "params" else "macs"
         self.macs0, self.params0 = count_macs_params(model, example)
         self.base = self.macs0 if self.metric == "macs" else self.params0
-        self.path: list[tuple[float, dict[str, int]]] | None = None
+        self.path: list[tuple[float, dict[str, int]]] | None = None  # a path given (the allocation's own steps)
         self.sens = sens
+        self._walker: Any = None
 
     def _path(self, down_to: float) -> list[tuple[float, dict[str, int]]]:
-        from pipeline.pruning.sensitivity import sensitivity_path
+        from pipeline.pruning.sensitivity import SensitivityPath
 
-        if self.path is None or self.path[-1][0] > down_to:
+        if self.path is not None:
+            return self.path
+        if self._walker is None:
             assert self.sens is not None
-            self.path = sensitivity_path(self.model, self.example, self.cfg, self.sens, val=self.val, bn=self.bn,
-                                         down_to=down_to)  # fmt: skip
-        return self.path
+            self._walker = SensitivityPath(self.model, self.example, self.cfg, self.sens, val=self.val, bn=self.bn)
+        return self._walker.extend(down_to)
 
     def plan_at(self, keep: float) -> dict[str, int]:
         """The sensitivity path's first plan at or under `keep` (its last when the path cannot go that far)."""

@@ -2,13 +2,14 @@
 
 The search is over one number, the share of MACs kept (`keep`), between `search.min_keep` and 1. A trial
 prunes the unpruned model to `keep` (with the profile's allocation), re-estimates BatchNorm, fine-tunes briefly
-by distillation and scores the result on the validation split. The unpruned model passes by definition, so the
-first trial at `min_keep` either passes (nothing more to search) or brackets the edge; after that each trial is
-placed by interpolating accuracy against keep between the bracket's ends (regula falsi), kept at least a tenth of
-the bracket away from either end so that the bracket always shrinks (a bisection's guarantee, with faster steps
-where accuracy falls smoothly). The search stops at a passing trial within `search.tolerance` of the budget's
-edge, or after `search.trials` trials. The chosen trial is the passing one with the fewest MACs; every trial is
-recorded, including the ones that could not be pruned (a `keep` the channel constraints cannot reach)."""
+by distillation and scores the result on the validation split. The unpruned model passes by definition and
+`min_keep` is taken to fail, so the bracket starts as [min_keep, 1]; each trial halves it while it is wider
+than 0.3 of the MACs (so a NetAdapt path is walked only as deep as needed), then is placed by interpolating
+accuracy against keep between the bracket's ends (regula falsi), at least a tenth of the bracket away from
+either end so that the bracket always shrinks. The search stops at a passing trial within `search.tolerance`
+of the budget's edge (or at `min_keep`), or after `search.trials` trials. The chosen trial is the passing one
+with the fewest MACs; every trial is recorded, including the ones that could not be pruned (a `keep` the
+channel constraints cannot reach)."""
 
 from __future__ import annotations
 
@@ -52,11 +53,14 @@ class SearchOutcome:
 
 
 def _next_keep(lo: tuple[float, float | None], hi: tuple[float, float], edge: float) -> float:
-    """The next keep inside the bracket (lo fails, hi passes): interpolated, at least 10% from either end."""
+    """The next keep inside the bracket (lo fails, hi passes): its midpoint while the bracket is wider than
+    0.3 (accuracy against keep is flat near 1 and falls at a knee, so a straight line through far ends lands
+    too high), then interpolated, at least 10% of the bracket from either end."""
     (k_lo, a_lo), (k_hi, a_hi) = lo, hi
     width = k_hi - k_lo
-    interpolate = a_lo is not None and a_hi > a_lo
-    guess = k_lo + (edge - a_lo) / (a_hi - a_lo) * width if interpolate else k_lo + width / 2  # type: ignore[operator]
+    if width > 0.3 or a_lo is None or a_hi <= a_lo:
+        return k_lo + width / 2
+    guess = k_lo + (edge - a_lo) / (a_hi - a_lo) * width
     return min(max(guess, k_lo + 0.1 * width), k_hi - 0.1 * width)
 
 
@@ -85,7 +89,7 @@ def search_keep(
     lo: tuple[float, float | None] = (cfg.min_keep, None)
     hi: tuple[float, float] = (1.0, base_accuracy)
     best: tuple[float, int, PruneResult] | None = None
-    keep = cfg.min_keep
+    keep = _next_keep(lo, hi, edge)
     for i in range(cfg.trials):
         row, result = _trial(prune_at, score, keep, edge)
         out.trials.append(row)
@@ -95,8 +99,8 @@ def search_keep(
             if best is None or achieved < best[0]:
                 best = (achieved, i, result)
             hi = (achieved, row["val_accuracy"])
-            if row["val_accuracy"] - edge <= cfg.tolerance or i == 0:
-                break  # at the edge, or even min_keep passes
+            if row["val_accuracy"] - edge <= cfg.tolerance or achieved <= cfg.min_keep:
+                break  # at the edge, or at the floor of the search
         else:
             lo = (max(lo[0], achieved if row["keep_achieved"] is not None else keep), row["val_accuracy"])
         if hi[0] - lo[0] < 0.01:

@@ -269,19 +269,33 @@ def _descend(pr: _Pruner, curves: Mapping[str, _Curve], walk: _Walk, *, stop: fl
     return walk
 
 
-def sensitivity_path(model: nn.Module, example: torch.Tensor, cfg: Pruning, sens: Mapping[str, Any], *,
-                     val: Sequence[Batch], bn: Sequence[Batch], down_to: float,
-                     candidates: int = 3) -> list[tuple[float, dict[str, int]]]:  # fmt: skip
-    """The NetAdapt path from the unpruned model down to `down_to` of its MACs (or params): (share kept, plan)
-    after every step, in decreasing order of the share kept, starting with the unpruned model (1.0)."""
-    pr = _Pruner(model, example, cfg, val, bn)
-    curves = _curves(sens, pr.metric)
-    macs0, params0 = count_macs_params(model, example)
-    base = float(macs0 if pr.metric == "macs" else params0)
-    walk = _Walk({g: c.channels for g, c in curves.items()}, model, base, sens["base"]["loss"], [])
-    _descend(pr, curves, walk, stop=down_to * base, base=base, candidates=candidates)
-    full = {g: c.channels for g, c in curves.items()}
-    return [(1.0, full)] + [(s["achieved"], s["plan"]) for s in walk.steps]
+class SensitivityPath:
+    """The NetAdapt path from the unpruned model down, walked on demand: `points` are (share of MACs or params
+    kept, plan) after every step, in decreasing order of the share, starting with the unpruned model (1.0);
+    `extend(down_to)` walks on from where it stopped."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, cfg: Pruning, sens: Mapping[str, Any], *,
+                 val: Sequence[Batch], bn: Sequence[Batch], candidates: int = 3) -> None:  # fmt: skip
+        self.pr = _Pruner(model, example, cfg, val, bn)
+        self.curves = _curves(sens, self.pr.metric)
+        macs0, params0 = count_macs_params(model, example)
+        self.base = float(macs0 if self.pr.metric == "macs" else params0)
+        self.walk = _Walk({g: c.channels for g, c in self.curves.items()}, model, self.base, sens["base"]["loss"], [])
+        self.candidates = candidates
+        self.ended = False  # no step left (every group at its floor)
+
+    @property
+    def points(self) -> list[tuple[float, dict[str, int]]]:
+        full = {g: c.channels for g, c in self.curves.items()}
+        return [(1.0, full)] + [(st["achieved"], st["plan"]) for st in self.walk.steps]
+
+    def extend(self, down_to: float) -> list[tuple[float, dict[str, int]]]:
+        if not self.ended and self.walk.value > down_to * self.base:
+            before = len(self.walk.steps)
+            _descend(self.pr, self.curves, self.walk, stop=down_to * self.base, base=self.base,
+                     candidates=self.candidates)  # fmt: skip
+            self.ended = self.walk.value > down_to * self.base or len(self.walk.steps) == before
+        return self.points
 
 
 def allocate(

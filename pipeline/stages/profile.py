@@ -4,8 +4,9 @@ profile's transport (over ssh or adb), else on this machine as a stand-in (the r
 from __future__ import annotations
 
 import platform
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,32 +21,29 @@ class ProfileResult:
     folder: Path
     files: Mapping[str, Mapping[str, Any]]  # file label (fp32, fp16, int8, baseline) -> the runner's figures
     devices: Mapping[str, Any] | None  # every device's run (DeviceRun.to_json) when profiled on devices
+    op_profile: Mapping[str, Any] | None = None  # the shipped model per op on the first device (devices/op_profile.py)
 
     def to_json(self) -> dict[str, Any]:
-        return {"files": dict(self.files), "devices": None if self.devices is None else dict(self.devices)}
+        return {"files": dict(self.files), "devices": None if self.devices is None else dict(self.devices),
+                "op_profile": None if self.op_profile is None else dict(self.op_profile)}  # fmt: skip
 
     @classmethod
     def from_json(cls, folder: Path, figures: Mapping[str, Any]) -> ProfileResult:
-        return cls(folder, figures["files"], figures.get("devices"))
+        return cls(folder, figures["files"], figures.get("devices"), figures.get("op_profile"))
 
 
 def device_specs(req: Any) -> tuple[Any, ...]:
     """The devices to profile on: DEVICE when given, else the profile's own when it names one (ssh host, adb
     serial); none means this machine stands in (and the report says so)."""
-    from pipeline.devices import from_profile, parse_devices
+    from pipeline.devices.spec import target_devices
 
-    tr = req.target.transport
-    if req.devices:
-        return parse_devices(req.devices, tr)
-    if (tr.kind == "ssh" and tr.host) or (tr.kind == "adb" and tr.serial):
-        return (from_profile(tr, target=req.target.name),)
-    return ()
+    return target_devices(req)
 
 
 class ProfileStage(Stage[ProfileResult]):
     name = "profile"
     result = ProfileResult
-    version = 2  # figures: {"files": {...}, "devices": ...}
+    version = 3  # figures: {"files": {...}, "devices": ..., "op_profile": ...}
 
     def inputs(self, ctx: Context) -> Mapping[str, Path]:
         return {**tflite_files(ctx), "runner": RUNNER}
@@ -68,8 +66,26 @@ class ProfileStage(Stage[ProfileResult]):
             primary = runs[specs[0].name]
             devices = {name: run.to_json() for name, run in runs.items()}
             result = ProfileResult(out, {name: primary.results[name] for name in files}, devices)
+        result = replace(result, op_profile=_op_profile(ctx, files[ctx.target.quantize.plan_precision], specs))
         write_json_atomic(out / "profile.json", result.to_json())
         return result
+
+
+def _op_profile(ctx: Context, shipped: Path, specs: tuple[Any, ...]) -> dict[str, Any]:
+    """Per-op times of the shipped model on the first device (or this machine), linked to the PyTorch layers."""
+    from pipeline.devices import open_transport
+    from pipeline.devices.op_profile import profile_ops
+    from pipeline.devices.spec import DeviceSpec
+    from pipeline.stages.finetune import FINETUNE
+
+    spec = specs[0] if specs else DeviceSpec("local", python=sys.executable)
+    transport = open_transport(spec, ssh_options=ctx.req.ssh_options)
+    try:
+        threads = bench_settings(ctx.target, on_host=not specs).threads
+        model = ctx.load(ctx.get(FINETUNE).model_path) if ctx.has(FINETUNE) else None
+        return profile_ops(shipped, transport, threads=threads, torch_model=model, example=ctx.example())
+    finally:
+        transport.close()
 
 
 PROFILE = ProfileStage()
