@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +36,16 @@ def _parse_floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"expected a number of processes from 1 to 1024, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeship", description="Put a PyTorch model on edge hardware.")
     p.add_argument("--version", action="version", version=f"edgeship {__version__}")
@@ -61,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the bundle is published, as <dir>/<target>/ (default: artifacts)")  # fmt: skip
     d.add_argument("--force", action="store_true", help="re-run every stage even when up to date")
     d.add_argument("--allow-budget-miss", action="store_true", help="publish the bundle even if a budget is missed")
+    d.add_argument("--train-device", help="where to fine-tune: auto, cpu, cuda, cuda:N (also --device cuda, or "
+                   "--set finetune.device=...)")  # fmt: skip
+    d.add_argument("--nproc", type=_positive, default=1, help="fine-tune on N processes (DDP under torchrun "
+                   "here: one per GPU, or CPU processes); several nodes: start it with torchrun")  # fmt: skip
     _device_args(d)
 
     pr = sub.add_parser("profile", help="profile a deployed bundle (or any .tflite) on attached devices")
@@ -94,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("targets", help="list the target profiles, or validate one")
     t.add_argument("name", nargs="?", help="validate and print this target (name or YAML path)")
+
+    tb = sub.add_parser("tables", help="list the cached latency tables (one per device fingerprint)")
+    tb.add_argument("--json", action="store_true", help="print them as JSON")
     return p
 
 
@@ -125,18 +143,72 @@ def _ssh_options(args: argparse.Namespace):
 def cmd_deploy(args: argparse.Namespace) -> int:
     from pipeline.api import CLI, build_request, printing_progress
     from pipeline.deploy import deploy
+    from pipeline.train.ddp import distributed_deploy
+    from pipeline.train.world import world_from_env
 
+    train_device, devices = _train_device(args)
+    overrides = (*args.overrides, f"finetune.device={train_device}") if train_device else tuple(args.overrides)
     req = build_request(args.model, args.target, data=args.data, checkpoint=args.checkpoint, classes=args.classes,
                         calibration=args.calibration, input_shape=args.input_shape, mean=args.mean, std=args.std,
-                        test_images=args.test_images, overrides=tuple(args.overrides), device=args.device,
+                        test_images=args.test_images, overrides=overrides, device=devices,
                         ssh_options=_ssh_options(args), runs_dir=args.runs_dir, artifacts_dir=args.artifacts_dir,
                         force=args.force, allow_budget_miss=args.allow_budget_miss, spelling=CLI)  # fmt: skip
-    print(f"edgeship: deploying {req.spec.name} for {req.target.name} ({req.target.description})", file=sys.stderr)
+    world = world_from_env()
+    if args.nproc > 1 and not world.distributed:
+        return _launch(args, req)
+    if world.is_main:
+        print(f"edgeship: deploying {req.spec.name} for {req.target.name} ({req.target.description})", file=sys.stderr)
     start = time.perf_counter()
-    result = deploy(req, printing_progress())
+    result = distributed_deploy(req, lambda: deploy(req, printing_progress()))
+    if result is None:  # a rank other than 0 under torchrun: it fine-tuned, rank 0 reports
+        return 0
     print(result.table(), file=sys.stderr)
     print(f"bundle: {result.bundle}  report: {result.report}  ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+_TRAIN_DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]{1,2}")
+
+
+def _train_device(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(fine-tuning device, profiling DEVICE): `--device cuda` (auto, cpu, cuda:N) names where to train, as
+    users of training tools expect; anything else is where to profile (user@host, adb:SERIAL, local)."""
+    if args.device is not None and _TRAIN_DEVICE.fullmatch(args.device):
+        if args.train_device is not None and args.train_device != args.device:
+            raise UsageError(f"--device {args.device} and --train-device {args.train_device}: give one of them")
+        return args.device, None
+    return args.train_device, args.device
+
+
+def _launch(args: argparse.Namespace, req) -> int:
+    """`--nproc N` on this machine: the same command under torchrun (pipeline/train/launch.py), echoed."""
+    from pipeline.train.device import resolve_device
+    from pipeline.train.launch import launch_deploy
+
+    resolve_device(req.target.finetune.device, req.target.finetune.amp)  # no GPU where one is asked for: say so now
+    log = req.run_dir / "torchrun.log"
+    print(f"edgeship: deploying {req.spec.name} for {req.target.name}, fine-tuning on {args.nproc} processes "
+          f"(torchrun, DDP; log: {log})", file=sys.stderr)  # fmt: skip
+
+    def echo(line: str) -> None:
+        print(line, file=sys.stdout if line.startswith("bundle: ") else sys.stderr, flush=True)
+
+    return launch_deploy(_without_nproc(args.argv), args.nproc, log_path=log, echo=echo)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """argv less --nproc N (or an abbreviation of it): under torchrun it means nothing, and torchrun's own
+    parser would take `--nproc` for an ambiguous `--nproc-per-node`."""
+    out, skip = [], False
+    for word in argv:
+        name = word.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(name) >= 3 and name.startswith("--n") and "--nproc".startswith(name):
+            skip = "=" not in word
+        else:
+            out.append(word)
+    return out
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -207,8 +279,32 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tables(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.latency.cache import TableCache
+
+    cache = TableCache()
+    rows = cache.list_tables()
+    if args.json:
+        print(json.dumps({"root": str(cache.root), "tables": rows}, indent=2))
+        return 0
+    print(f"latency tables in {cache.root}: {len(rows)}")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['key']}: {r['error']} ({r['path']})")
+            continue
+        fp = r["fingerprint"]
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(r["by_precision"].items()))
+        print(f"  {r['key']}  {fp['cpu']} x{fp['cores']}, {fp['system']} {fp['machine']}, {fp['runtime']} "
+              f"{fp['runtime_version']}, {fp['threads']} thread(s), delegate {fp['delegate']}")  # fmt: skip
+        print(f"      {r['probes']} probes ({counts}); measured on {', '.join(r['devices'])}; updated {r['updated']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # deploy --nproc runs the same words under torchrun
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -225,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return cmd_ship(args)
             case "report":
                 return cmd_report(args)
+            case "tables":
+                return cmd_tables(args)
     except PipelineError as exc:
         print(f"edgeship: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 from tests.tiny_models import FMNIST_DIR, TinyResNet, tiny_resnet
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# device latency tables are cached per user (pipeline/latency/cache.py): the tests keep theirs to themselves
+os.environ.setdefault("EDGESHIP_CACHE", tempfile.mkdtemp(prefix="edgeship-test-cache-"))
 torch.set_num_threads(2)
 
 

@@ -232,10 +232,6 @@ def _combo(name: str) -> tuple[dict[str, Any], str]:
             d["pruning"]["target"] = {"metric": "latency"}
             d["budgets"].pop("latency_ms")
             return d, r"pruning -> target -> metric: latency needs budgets.latency_ms"
-        case "latency-over-ssh":
-            d["pruning"]["target"] = {"metric": "latency"}
-            d["transport"] = {"kind": "ssh", "host": "pi.local"}
-            return d, r"pruning -> target -> metric: latency pruning measures the layers on the target itself"
         case "macs-without-keep":
             d["pruning"]["target"] = {"metric": "macs"}
             return d, r"pruning -> target -> keep: metric macs needs keep"
@@ -255,7 +251,6 @@ def _combo(name: str) -> tuple[dict[str, Any], str]:
         "precision-twice",
         "threads-over-cores",
         "latency-without-budget",
-        "latency-over-ssh",
         "macs-without-keep",
         "latency-with-keep",
     ],

@@ -20,7 +20,8 @@ from typing import Any
 from pipeline.errors import DeviceError
 
 _NUM = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
-_COUNT = re.compile(r"count=(\d+)(?P<rest>(?:\s+\w+=" + _NUM + r")*)")
+# (not the op profiler's "Timings (microseconds): count=..." / "Memory (bytes): count=..." summaries)
+_COUNT = re.compile(r"(?<!\): )count=(\d+)(?P<rest>(?:\s+\w+=" + _NUM + r")*)")
 _KV = re.compile(r"(\w+)=" + _NUM)
 _SUMMARY = re.compile(
     r"Inference timings in us: Init: " + _NUM + r", First inference: " + _NUM + r", Warmup \(avg\): " + _NUM

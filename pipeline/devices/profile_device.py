@@ -37,6 +37,21 @@ PROBE = r"""
 import json, platform, sys
 r = {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system(),
      "release": platform.release(), "node": platform.node(), "errors": {}}
+import os
+r["cores"], cpu = os.cpu_count(), {}
+try:  # the CPU for the latency-table fingerprint: x86 "model name"; ARM "Model"/"Hardware" + core parts
+    for line in open("/proc/cpuinfo"):
+        k, _, v = line.partition(":")
+        k, v = k.strip().lower(), v.strip()
+        if k == "cpu part":
+            cpu.setdefault("parts", set()).add(v)
+        elif k in ("model name", "hardware", "model") and v and not v.isdigit():
+            cpu.setdefault(k, v)
+except OSError:
+    pass
+parts = ",".join(sorted(cpu.get("parts", ())))
+r["cpu"] = " / ".join(x for x in (cpu.get("model name"), cpu.get("model"), cpu.get("hardware"),
+                                  parts and "parts " + parts) if x) or platform.processor() or "unknown"
 def ver(dist):
     try:
         from importlib.metadata import version

@@ -180,3 +180,14 @@ def open_transport(
     from pipeline.devices.adb import AdbTransport
 
     return AdbTransport(spec.serial, adb=adb, server_port=adb_server_port, python=spec.python, workdir=spec.workdir)
+
+
+def target_devices(req: Any) -> tuple[DeviceSpec, ...]:
+    """The devices a deploy runs on: DEVICE when given, else the profile's own when it names one (ssh host, adb
+    serial); none means this machine stands in (the profile and latency_table stages both use this)."""
+    tr = req.target.transport
+    if req.devices:
+        return parse_devices(req.devices, tr)
+    if (tr.kind == "ssh" and tr.host) or (tr.kind == "adb" and tr.serial):
+        return (from_profile(tr, target=req.target.name),)
+    return ()

@@ -60,14 +60,20 @@ class LatencyTable:
     entries: Mapping[str, Mapping[str, Any]]
     remainder_ms: float = 0.0
     scale: float = 1.0  # calibration: measured(unpruned) / sum of its table entries
+    device: str = "this machine"  # where the probes were timed (a DEVICE name, or this machine)
+    fingerprint: str = ""  # the device fingerprint's cache key (pipeline/latency/cache.py)
+    measured_full_ms: float | None = None  # the unpruned model measured on that same device, when known
 
     def layer_sum(self, layers: Sequence[Layer], plan: Mapping[str, int]) -> float:
         """Sum of the table entries of `layers` at the channel counts of `plan` (uncalibrated)."""
         return sum(self.layer_ms(lay, *lay.channels(plan)) for lay in layers)
 
     def calibrated(self, layers: Sequence[Layer], groups: Mapping[str, int], measured_full_ms: float) -> LatencyTable:
-        """This table scaled so that it predicts the measured latency of the unpruned model (`groups`)."""
-        return replace(self, scale=measured_full_ms / self.layer_sum(layers, groups), remainder_ms=0.0)
+        """This table scaled so that it predicts the measured latency of the unpruned model (`groups`). A table
+        measured on a device carries that device's own figure for the unpruned model, which wins over
+        `measured_full_ms` (a figure from another machine would mix two devices' milliseconds)."""
+        full = self.measured_full_ms if self.measured_full_ms is not None else measured_full_ms
+        return replace(self, scale=full / self.layer_sum(layers, groups), remainder_ms=0.0)
 
     def layer_ms(self, layer: Layer, cin: int, cout: int) -> float:
         e = self.entries[layer.geometry.key()]
@@ -122,6 +128,46 @@ def plan_probes(layers: Sequence[Layer], groups: Mapping[str, int], *, multiple:
     return {k: {**v, "cin": sorted(v["cin"]), "cout": sorted(v["cout"])} for k, v in probes.items()}
 
 
+def probe_entries(probes: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One build spec per probe (pipeline/latency/build_layers.py): every (cin, cout) of every geometry."""
+    entries = []
+    for key, p in probes.items():
+        geo: Geometry = p["geometry"]
+        pairs = [(c, c) for c in p["cout"]] if geo.kind == "depthwise" else [
+            (ci, co) for ci in p["cin"] for co in p["cout"]]  # fmt: skip
+        for ci, co in pairs:
+            entries.append({"file": _entry_file(key, ci, co), "geometry": key, "kind": geo.kind, "kernel": geo.kernel,
+                            "stride": geo.stride, "padding": geo.padding, "in_hw": geo.in_hw, "cin": ci,
+                            "cout": co})  # fmt: skip
+    return entries
+
+
+def table_entries(probes: Mapping[str, Mapping[str, Any]], ms: Mapping[tuple[str, int, int], float]) -> dict[str, Any]:
+    """The table's grid per geometry from {(geometry key, cin, cout): p50 ms}."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, p in probes.items():
+        if p["geometry"].kind == "depthwise":
+            out[key] = {"cin": p["cout"], "cout": p["cout"], "ms": [[ms[(key, c, c)] for c in p["cout"]]]}
+        else:
+            grid = [[ms[(key, ci, co)] for co in p["cout"]] for ci in p["cin"]]
+            out[key] = {"cin": p["cin"], "cout": p["cout"], "ms": grid}
+    return out
+
+
+def build_probes(entries: Sequence[Mapping[str, Any]], precision: str, probe_dir: Path, *,
+                 timeout_s: float = 1800) -> None:  # fmt: skip
+    """Write the .tflite probe of every entry into `probe_dir` (with TensorFlow, in a subprocess); files that
+    exist already are kept, and nothing is started when all exist."""
+    if all((probe_dir / e["file"]).is_file() for e in entries):
+        return
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=probe_dir.parent) as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"precision": precision, "entries": list(entries)}))
+        _run([sys.executable, "-m", "pipeline.latency.build_layers", str(spec), str(probe_dir)], timeout_s,
+             "building the latency probes")  # fmt: skip
+
+
 def measure_table(
     layers: Sequence[Layer],
     groups: Mapping[str, int],
@@ -135,54 +181,27 @@ def measure_table(
     timeout_s: float = 1800,
     work_dir: Path | None = None,
 ) -> LatencyTable:
-    """Build every probe with TensorFlow Lite's converter and time them all here, in one process each."""
+    """Build every probe with TensorFlow Lite's converter and time them all here, in one process (no cache;
+    pipeline/latency/device_table.py times them on a device, through the cache)."""
     probes = plan_probes(layers, groups, multiple=multiple, max_ratio=max_ratio, max_points=max_points)
-    entries = []
-    for key, p in probes.items():
-        geo: Geometry = p["geometry"]
-        pairs = [(c, c) for c in p["cout"]] if geo.kind == "depthwise" else [
-            (ci, co) for ci in p["cin"] for co in p["cout"]]  # fmt: skip
-        for ci, co in pairs:
-            entries.append(
-                {
-                    "file": _entry_file(key, ci, co),
-                    "kind": geo.kind,
-                    "kernel": geo.kernel,
-                    "stride": geo.stride,
-                    "padding": geo.padding,
-                    "in_hw": geo.in_hw,
-                    "cin": ci,
-                    "cout": co,
-                }
-            )
+    entries = probe_entries(probes)
     log.info("latency table: %d probes for %d geometries", len(entries), len(probes))
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         probe_dir = Path(tmp) / "probes"
-        spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"precision": precision, "entries": entries}))
-        _run([sys.executable, "-m", "pipeline.latency.build_layers", str(spec), str(probe_dir)], timeout_s,
-             "building the latency probes")  # fmt: skip
+        build_probes(entries, precision, probe_dir, timeout_s=timeout_s)
         out = _run([sys.executable, str(RUNNER), "--many", str(probe_dir), "--threads", str(threads),
                     "--warmup", "10", "--runs", "50", "--min-seconds", str(min_seconds)], timeout_s,
                    "timing the latency probes")  # fmt: skip
     result = parse_runner_output(out, where="this machine", key="results")
     timed = result["results"]
-    table_entries: dict[str, dict[str, Any]] = {}
-    for key, p in probes.items():
-        geo = p["geometry"]
-        if geo.kind == "depthwise":
-            ms = [[timed[_entry_file(key, c, c)]["p50"] for c in p["cout"]]]
-            table_entries[key] = {"cin": p["cout"], "cout": p["cout"], "ms": ms}
-        else:
-            ms = [[timed[_entry_file(key, ci, co)]["p50"] for co in p["cout"]] for ci in p["cin"]]
-            table_entries[key] = {"cin": p["cin"], "cout": p["cout"], "ms": ms}
+    ms = {(e["geometry"], e["cin"], e["cout"]): timed[e["file"]]["p50"] for e in entries}
     return LatencyTable(
         precision=precision,
         threads=threads,
         runtime=result["runtime"],
         runtime_version=result["runtime_version"],
         machine=result["machine"],
-        entries=table_entries,
+        entries=table_entries(probes, ms),
     )
 
 

@@ -187,6 +187,22 @@ def _sensitivity(s: Mapping[str, Any]) -> str:
     return "\n".join(["<h2>Sensitivity per layer</h2>", note, img(figures.sensitivity(s), "sensitivity per layer")])
 
 
+def _search(s: Mapping[str, Any]) -> str:
+    from pipeline.report.search_figures import search_trials
+
+    search = (s.get("pruned") or {}).get("search")
+    if not search:
+        return ""
+    rows = [(i + 1, t.get("keep_target"), t.get("keep_achieved"), t.get("val_accuracy"), t.get("passed"),
+             t.get("seconds"), t.get("error") or "") for i, t in enumerate(search.get("trials") or [])]  # fmt: skip
+    note = (f"<p>Pruned as far as the accuracy budget allows: each trial pruned to a share of the MACs, briefly "
+            f"fine-tuned and scored on the validation split; chosen: trial "
+            f"{esc('none' if search.get('chosen') is None else search['chosen'] + 1)}.</p>")  # fmt: skip
+    tab = table(["trial", "keep asked", "MACs kept", "val accuracy", "within budget", "s", "note"], rows,
+                numeric=(1, 2, 3, 5))  # fmt: skip
+    return "\n".join(["<h2>Accuracy search</h2>", note, img(search_trials(s), "accuracy search trials"), tab])
+
+
 def _energy(s: Mapping[str, Any]) -> str:
     from pipeline.report import figures
 
@@ -265,9 +281,53 @@ def _latency_model(s: Mapping[str, Any]) -> str:
         return ""
     row = (ms(lm.get("budget_ms")), ms(lm.get("predicted_ms")), ms(lm.get("measured_ms")),
            f"{lm['error_pct']:+.1f}%" if num(lm.get("error_pct")) is not None else NOT_MEASURED)  # fmt: skip
+    where = (lm.get("table") or {}).get("where")
     return "<h2>Latency-aware pruning</h2>" + table(
         ["budget", "predicted", "measured", "prediction error"], [row], numeric=(0, 1, 2, 3)
-    )
+    ) + (f'<p class="muted">The {esc(where)}.</p>' if where else "")
+
+
+def _op_profile(s: Mapping[str, Any]) -> str:
+    """Where the time goes: the shipped model per op on the device (pipeline/report/op_figures.py)."""
+    from pipeline.report import op_figures
+
+    prof = s.get("op_profile")
+    if not prof:
+        return ""
+    if not prof.get("available"):
+        return f'<h2>Where the time goes</h2><p class="nm">Per-op times not measured: {esc(prof.get("why"))}</p>'
+    rows = [(r["op"] if r["op"] is not None else "", r["type"], r["layer"] or "", ms(r["ms"]), pct(r["share"]))
+            for r in op_figures.op_rows(s)]  # fmt: skip
+    return ("<h2>Where the time goes</h2>" + img(op_figures.where_the_time_goes(s), "where the time goes")
+            + f'<p class="muted">{esc(prof.get("tool"))} on {esc(prof.get("device"))}; slowest ops:</p>'
+            + table(["op", "type", "PyTorch layer", "ms", "share"], rows, numeric=(3, 4)))  # fmt: skip
+
+
+def _quantization(s: Mapping[str, Any]) -> str:
+    """int8 remedies and the worst ops (pipeline/report/quant_figures.py)."""
+    from pipeline.report import quant_figures as qf
+
+    q = s.get("quantization")
+    if not q:
+        return ""
+    f = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+    rows = [(r["remedy"], f(r["agreement"], ".4f"), f(r["accuracy"], ".4f"), f(r["size_bytes"], ","),
+             ms(r["p50_ms"]), "" if r["vs_plain"] is None else f"{r['vs_plain']:.2f}x", r["status"])
+            for r in qf.remedy_rows(s)]  # fmt: skip
+    ops = [(f"#{o['op_index']} {o['op']}", o.get("layer") or "", f"{o['error_steps']:.2f}", f"{o['cosine']:.4f}",
+            f"{o['rel_error']:.3f}", pct(o["share"])) for o in qf.worst_ops(s)]  # fmt: skip
+    verdict = "met" if q["met"] else "missed"
+    return "\n".join([
+        "<h2>Quantization</h2>",
+        f"<p>int8 top-1 agreement with PyTorch <b>{q['agreement']:.4f}</b> on {q['val_images']} validation images: "
+        f"min_agreement {q['min_agreement']:g} <b>{verdict}</b> after {esc(q['shipped'])}.</p>",
+        table(["remedy", "agreement", "accuracy", "bytes", "p50 (host)", "vs plain int8", "result"], rows,
+              numeric=(1, 2, 3, 4, 5)),
+        img(qf.op_error_plot(s), "worst int8 ops"),
+        table(["op", "PyTorch layer", "error / scale", "cosine", "rel. error", "share (est.)"], ops,
+              numeric=(2, 3, 4, 5)),
+        f"<p>{esc(q['advice'])}</p>" if q.get("advice") else "",
+    ])  # fmt: skip
 
 
 def _stages(s: Mapping[str, Any]) -> str:
@@ -296,8 +356,8 @@ def render_html(summary: Mapping[str, Any]) -> str:
         f"{esc(data.get('test', NOT_MEASURED))} ({esc(s.get('test_images', '?'))} images). Calibration: "
         f"{esc(data.get('calibration', NOT_MEASURED))}.</p>",
     ]
-    sections = (_before_after, _budgets, _variants, _latency, _devices, _channels, _sensitivity, _energy,
-                _latency_model, _edgetpu, _stages)  # fmt: skip
+    sections = (_before_after, _budgets, _variants, _latency, _devices, _channels, _sensitivity, _search, _energy,
+                _latency_model, _op_profile, _edgetpu, _quantization, _stages)  # fmt: skip
     body = [*head, *(section(s) for section in sections)]
     return page(title, [b for b in body if b])
 

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pipeline.report import quant_figures
 from pipeline.report.format import pct, ratio
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def _render(s: Mapping[str, Any]) -> str:
     lines += _devices(s)
     lines += _latency_model(s)
     lines += _edgetpu(s)
+    lines += quant_figures.markdown_lines(s)
     lines += _tail(s)
     return "\n".join(lines)
 
@@ -68,10 +70,25 @@ def _pruning(pr: Mapping[str, Any]) -> list[str]:
             f"({pr['finetune_images']:,} images{_best(pr)}) test accuracy {pct(pr['accuracy_torch'])}.",
             "",
         ]
+        lines += _finetune_run(pr.get("finetune"))
         if pr.get("allocation_note"):
             lines += [f"Target not met within 2%: {pr['allocation_note']}.", ""]
         lines += _search(pr.get("search")) + _iterative(pr.get("iterative"))
     return lines
+
+
+def _finetune_run(ft: Mapping[str, Any] | None) -> list[str]:
+    """Where fine-tuning ran and how fast; training images resized to the model's input, counted."""
+    if not ft or not ft.get("device"):
+        return []
+    ranks = f" x {ft['world_size']} processes (DDP)" if (ft.get("world_size") or 1) > 1 else ""
+    rate = f"{ft['images_per_s']:,.0f} images/s" if ft.get("images_per_s") else "throughput not measured"
+    line = f"Fine-tuning ran on {ft['device']}{ranks}: {rate}"
+    if ft.get("seconds") is not None:
+        line += f" over {ft['seconds']:.1f} s of training"
+    if ft.get("resized"):
+        line += f"; {ft['resized']:,} of the training images read were resized to the model's input"
+    return [line + ".", ""]
 
 
 def _search(search: Mapping[str, Any] | None) -> list[str]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.quantize.budget import quant_budget_rows
 from pipeline.runner import tool_versions
-from pipeline.stages import BASELINE, EDGETPU, FINETUNE, PROFILE, PRUNE, SENSITIVITY, VERIFY, Context
+from pipeline.stages import BASELINE, CONVERT, EDGETPU, FINETUNE, PROFILE, PRUNE, SENSITIVITY, VERIFY, Context
 from pipeline.stages.latency_table import table_summary
 from pipeline.stages.verify import baseline_label
 
@@ -86,11 +87,14 @@ def summarize(ctx: Context) -> dict[str, Any]:
             "finetune_best_step": tuned.best_step,
             "accuracy_torch": tuned.accuracy,
             "finetune_steps": tuned.steps, "finetune_images": tuned.images_seen,
+            "finetune": _finetune_run(tuned),
             "layers": pruned.layers,
         },
         "variants": variants,
         "latency_model": _latency_model(pruned.latency, shipped, table_summary(ctx, ctx.get(PROFILE).devices)),
-        "budgets": _budgets(t, base_acc=base.accuracy, shipped=shipped, on_device=on_device, edgetpu=_edgetpu(ctx)),
+        "budgets": _budgets(t, base_acc=base.accuracy, shipped=shipped, on_device=on_device, edgetpu=_edgetpu(ctx))
+        + quant_budget_rows(_quantization(ctx), ship),
+        "quantization": _quantization(ctx),
         "devices": device_rows(ctx.get(PROFILE).devices),
         "op_profile": getattr(ctx.get(PROFILE), "op_profile", None),  # per op on the device (where the time goes)
         "edgetpu": _edgetpu(ctx),
@@ -98,6 +102,13 @@ def summarize(ctx: Context) -> dict[str, Any]:
         "stages": {n: {"seconds": r.seconds, "skipped": r.skipped} for n, r in ctx.records.items()},
         "tools": tool_versions(),
     }  # fmt: skip
+
+
+def _finetune_run(tuned: Any) -> dict[str, Any]:
+    """Where and how fast fine-tuning ran (issue 18), and what the training images needed."""
+    return {"device": tuned.device, "world_size": tuned.world_size, "images_per_s": tuned.images_per_s,
+            "seconds": tuned.train_seconds, "train_images": tuned.train_images, "resized": tuned.resized,
+            "data_workers": tuned.data_workers}  # fmt: skip
 
 
 def _shipped_precision(t: Any, variants: Mapping[str, Any], base_acc: float) -> tuple[str, dict[str, Any] | None]:
@@ -126,6 +137,12 @@ def device_rows(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
                         for m, r in (run.get("results") or {}).items()},
         }  # fmt: skip
     return out
+
+
+def _quantization(ctx: Context) -> dict[str, Any] | None:
+    """The int8 remedies' record (pipeline/quantize/remedies.py) of the convert stage, when int8 was built."""
+    q = getattr(ctx.get(CONVERT), "quantization", None)
+    return None if q is None else dict(q)
 
 
 def _edgetpu(ctx: Context) -> dict[str, Any] | None:

@@ -117,8 +117,10 @@ class PruneStage(Stage[PruneOutcome]):
         from pipeline.pruning.latency import prune_to_latency
 
         base_tflite = ctx.get(CONVERT_BASELINE).tflite(t.quantize.plan_precision)
-        measured = profile_local(base_tflite, bench_settings(t, on_host=True))["latency_ms"]["p50"]
         table = LatencyTable.load(ctx.get(LATENCY_TABLE).table_path)
+        measured = table.measured_full_ms or profile_local(base_tflite, bench_settings(t, on_host=True))["latency_ms"][
+            "p50"
+        ]  # the unpruned model on the table's own device
         sens = ctx.get(SENSITIVITY).curves() if ctx.has(SENSITIVITY) else None
         lp = prune_to_latency(model, ctx.example(), table, p, budget_ms=t.budgets.latency_ms,
                               measured_full_ms=measured, sensitivity=sens)  # fmt: skip
