@@ -57,7 +57,7 @@ class PruneOutcome:
 class PruneStage(Stage[PruneOutcome]):
     name = "prune"
     result = PruneOutcome
-    version = 3  # accuracy search, iterative steps; BatchNorm re-estimated inside the schedule
+    version = 4  # accuracy search (bisection first, path on demand), iterative steps
 
     def inputs(self, ctx: Context) -> Mapping[str, Path]:
         out = {"model": ctx.get(BASELINE).model_path}
