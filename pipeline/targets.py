@@ -83,6 +83,9 @@ class Search(_Frozen):
     min_keep: float = Field(default=0.15, gt=0, lt=1)
     tolerance: float = Field(default=0.005, gt=0, le=0.1)
     images: int = Field(default=1000, ge=16, le=50_000)  # validation images each trial is scored on
+    # which passing trial wins: the fewest MACs, or the lowest latency predicted by the target's latency table
+    # (measured on the device, like metric: latency)
+    rank: Literal["macs", "latency"] = "macs"
 
 
 class Sensitivity(_Frozen):

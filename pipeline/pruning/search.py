@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PruneAt = Callable[[float], PruneResult]  # keep (share of MACs) -> the pruned model, BatchNorm re-estimated
 Score = Callable[[nn.Module], float]  # pruned model -> validation accuracy after the trial's short fine-tune
+Predict = Callable[[nn.Module], float]  # pruned model -> latency predicted by the target's table (ms)
 
 
 @dataclass
@@ -64,7 +65,8 @@ def _next_keep(lo: tuple[float, float | None], hi: tuple[float, float], edge: fl
     return min(max(guess, k_lo + 0.1 * width), k_hi - 0.1 * width)
 
 
-def _trial(prune_at: PruneAt, score: Score, keep: float, edge: float) -> tuple[dict[str, Any], PruneResult | None]:
+def _trial(prune_at: PruneAt, score: Score, keep: float, edge: float,
+           predict: Predict | None = None) -> tuple[dict[str, Any], PruneResult | None]:  # fmt: skip
     start = time.monotonic()
     try:
         result = prune_at(keep)
@@ -76,14 +78,23 @@ def _trial(prune_at: PruneAt, score: Score, keep: float, edge: float) -> tuple[d
     row = {"keep_target": round(keep, 4), "keep_achieved": round(result.keep_achieved, 4), "macs": result.macs_after,
            "params": result.params_after, "val_accuracy": round(acc, 6), "passed": acc >= edge - 1e-12,
            "seconds": round(time.monotonic() - start, 2)}  # fmt: skip
+    if predict is not None:
+        row["predicted_ms"] = round(predict(result.model), 5)
     return row, result
 
 
 def search_keep(
-    prune_at: PruneAt, score: Score, *, base_accuracy: float, max_drop: float, cfg: Search
+    prune_at: PruneAt,
+    score: Score,
+    *,
+    base_accuracy: float,
+    max_drop: float,
+    cfg: Search,
+    predict: Predict | None = None,
 ) -> SearchOutcome:
     """The least `keep` whose trial stays within `max_drop` of `base_accuracy` (validation), in at most
-    `cfg.trials` trials; see the module docstring."""
+    `cfg.trials` trials; see the module docstring. With `predict` (the latency table) every trial's predicted
+    latency is recorded and the passing trial predicted fastest is chosen."""
     out = SearchOutcome(base_accuracy, max_drop)
     edge = base_accuracy - max_drop
     lo: tuple[float, float | None] = (cfg.min_keep, None)
@@ -91,13 +102,14 @@ def search_keep(
     best: tuple[float, int, PruneResult] | None = None
     keep = _next_keep(lo, hi, edge)
     for i in range(cfg.trials):
-        row, result = _trial(prune_at, score, keep, edge)
+        row, result = _trial(prune_at, score, keep, edge, predict)
         out.trials.append(row)
         log.info("accuracy search trial %d: keep %.3f -> %s", i + 1, keep, row.get("val_accuracy"))
         achieved = row["keep_achieved"] if row["keep_achieved"] is not None else keep
         if row["passed"] and result is not None:
-            if best is None or achieved < best[0]:
-                best = (achieved, i, result)
+            cost = row.get("predicted_ms", achieved)
+            if best is None or cost < best[0]:
+                best = (cost, i, result)
             hi = (achieved, row["val_accuracy"])
             if row["val_accuracy"] - edge <= cfg.tolerance or achieved <= cfg.min_keep:
                 break  # at the edge, or at the floor of the search

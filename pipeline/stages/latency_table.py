@@ -86,7 +86,8 @@ class LatencyTableStage(Stage[LatencyTableResult]):
 
     def applies(self, ctx: Context) -> bool:
         p = ctx.target.pruning
-        return p.enabled and p.target.metric == "latency"
+        by_latency = p.target.metric == "accuracy" and p.search.rank == "latency"
+        return p.enabled and (p.target.metric == "latency" or by_latency)
 
     def inputs(self, ctx: Context) -> Mapping[str, Path]:
         base = ctx.get(CONVERT_BASELINE).tflite(ctx.target.quantize.plan_precision)

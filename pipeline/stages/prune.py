@@ -118,9 +118,9 @@ class PruneStage(Stage[PruneOutcome]):
 
         base_tflite = ctx.get(CONVERT_BASELINE).tflite(t.quantize.plan_precision)
         table = LatencyTable.load(ctx.get(LATENCY_TABLE).table_path)
-        measured = table.measured_full_ms or profile_local(base_tflite, bench_settings(t, on_host=True))["latency_ms"][
-            "p50"
-        ]  # the unpruned model on the table's own device
+        measured = (
+            table.measured_full_ms or profile_local(base_tflite, bench_settings(t, on_host=True))["latency_ms"]["p50"]
+        )  # the unpruned model on the table's own device
         sens = ctx.get(SENSITIVITY).curves() if ctx.has(SENSITIVITY) else None
         lp = prune_to_latency(model, ctx.example(), table, p, budget_ms=t.budgets.latency_ms,
                               measured_full_ms=measured, sensitivity=sens)  # fmt: skip
@@ -165,10 +165,31 @@ def _search(ctx: Context, model: Any, val: list[Any], bn: list[Any]) -> tuple[An
         return evaluate(tuned, scored, reference=reference)[1]
 
     base_acc = evaluate(model, scored, reference=reference)[1]
-    found = search_keep(planner.at, score, base_accuracy=base_acc, max_drop=t.budgets.max_accuracy_drop, cfg=p.search)
+    predict = _predictor(ctx, model) if ctx.has(LATENCY_TABLE) else None
+    found = search_keep(planner.at, score, base_accuracy=base_acc, max_drop=t.budgets.max_accuracy_drop, cfg=p.search,
+                        predict=predict)  # fmt: skip
     result = found.result or planner.result(copy.deepcopy(model), 1.0)
     method = "sensitivity" if sens is not None else ("global" if p.global_pruning else "uniform")
     return result, {"method": method, "search": found.figures(), "val_images_scored": sum(len(b[0]) for b in scored)}
+
+
+def _predictor(ctx: Context, model: Any) -> Any:
+    """pruned model -> its latency predicted by the target's table (`search.rank: latency`)."""
+    from pipeline.bench import bench_settings, profile_local
+    from pipeline.latency.layers import prunable_layers
+    from pipeline.latency.table import LatencyTable
+    from pipeline.pruning.channels import ignored_layers, prunable_groups
+
+    t, p, ex = ctx.target, ctx.target.pruning, ctx.example()
+    table = LatencyTable.load(ctx.get(LATENCY_TABLE).table_path)
+    layers = prunable_layers(model, ex, ignored=ignored_layers(model, ex, p.keep_layers))
+    groups = prunable_groups(model, ex, keep_layers=p.keep_layers)
+    measured = table.measured_full_ms
+    if measured is None:
+        base_tflite = ctx.get(CONVERT_BASELINE).tflite(t.quantize.plan_precision)
+        measured = profile_local(base_tflite, bench_settings(t, on_host=True))["latency_ms"]["p50"]
+    calibrated = table.calibrated(layers, groups, measured)
+    return lambda pruned: calibrated.predict(layers, prunable_groups(pruned, ex, keep_layers=p.keep_layers))
 
 
 def _iterate(ctx: Context, model: Any, val: list[Any], bn: list[Any], allocation: dict[str, Any]) -> tuple[Any, dict]:
