@@ -8,6 +8,7 @@ TARGET ?= rpi
 MODEL ?= fmnist_cnn
 ARGS ?=
 DEVICE ?=
+NPROC ?=
 APP ?=
 NAME ?=
 VERSION ?=
@@ -27,6 +28,7 @@ override TARGET := $(value TARGET)
 override MODEL := $(value MODEL)
 override ARGS := $(value ARGS)
 override DEVICE := $(value DEVICE)
+override NPROC := $(value NPROC)
 override APP := $(value APP)
 override NAME := $(value NAME)
 override VERSION := $(value VERSION)
@@ -39,6 +41,7 @@ override export EDGESHIP_TARGET := $(value TARGET)
 override export EDGESHIP_MODEL := $(value MODEL)
 override export EDGESHIP_ARGS := $(value ARGS)
 override export EDGESHIP_DEVICE := $(value DEVICE)
+override export EDGESHIP_NPROC := $(value NPROC)
 override export EDGESHIP_APP := $(value APP)
 override export EDGESHIP_NAME := $(value NAME)
 override export EDGESHIP_VERSION := $(value VERSION)
@@ -65,6 +68,7 @@ help:
 	echo "make deploy TARGET=$${aliases:+$$aliases|}$$names [MODEL=fmnist_cnn|efficientnet_lite0] [DEVICE=...] [ARGS=...]"; \
 	echo "                   (TARGET may also be the path of a YAML profile; make targets shows each profile's file)"
 	@echo "make profile TARGET=rpi DEVICE=pi@raspberrypi.local   (android: DEVICE=<adb serial>; several: a,b,c)"
+	@echo "make deploy NPROC=2  fine-tune on 2 processes (torchrun DDP; GPUs: ARGS='--device cuda')"
 	@echo "make test        all tests (what CI runs)      make test-fast   skip the slow ones"
 	@echo "make baseline    retrain the default Fashion-MNIST model and rewrite models/fmnist_cnn.pt"
 	@echo "make targets     list target profiles          make bench       run the benchmarks"
@@ -96,7 +100,8 @@ data:
 
 deploy: setup
 	@$(RUNA) "$$EDGESHIP_VENV/bin/python" -m pipeline.make_args deploy --target="$$EDGESHIP_TARGET" \
-	  --model="$$EDGESHIP_MODEL" $${EDGESHIP_DEVICE:+--device="$$EDGESHIP_DEVICE"}
+	  --model="$$EDGESHIP_MODEL" $${EDGESHIP_DEVICE:+--device="$$EDGESHIP_DEVICE"} \
+	  $${EDGESHIP_NPROC:+--nproc="$$EDGESHIP_NPROC"}
 
 # Profile the deployed bundle on a device: make profile TARGET=rpi DEVICE=pi@raspberrypi.local (or a,b,c)
 profile: venv
@@ -119,7 +124,7 @@ report: venv
 deploy-all: setup
 	@$(DEFRUN) set -f; for t in $$EDGESHIP_TARGETS; do \
 	  runa "$$EDGESHIP_VENV/bin/python" -m pipeline.make_args deploy --target="$$t" --model="$$EDGESHIP_MODEL" \
-	  || exit; done
+	  $${EDGESHIP_NPROC:+--nproc="$$EDGESHIP_NPROC"} || exit; done
 	@$(DEFRUN) set -f; r=(); for t in $$EDGESHIP_TARGETS; do r+=(--target="$$t"); done; \
 	run "$$EDGESHIP_VENV/bin/python" -m pipeline report "$${r[@]}" --compare artifacts/compare.html
 

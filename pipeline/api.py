@@ -202,6 +202,8 @@ def _class_names(classes: Any, data: Any, o: Spelling) -> tuple[tuple[str, ...],
         return names, o.classes, True, o.classes
     if isinstance(data, str | Path):
         train = Path(data) / "train"
+        if (sharded := _shard_classes(Path(data), o)) is not None:
+            return sharded
         if not train.is_dir():
             raise DatasetError(f"{train}: no such folder; {o.data_dir} needs DIR/train/<class>/ images")
         return tuple(sorted(p.name for p in train.iterdir() if p.is_dir())), str(train), False, "the file"
@@ -213,6 +215,20 @@ def _class_names(classes: Any, data: Any, o: Spelling) -> tuple[tuple[str, ...],
         raise UsageError(f"{type(first).__name__} names no classes (no .classes); give {o.classes_arg}: the model's "
                          "class names in output order")  # fmt: skip
     return names, f"{type(first).__name__}.classes", False, "the file"
+
+
+def _shard_classes(data: Path, o: Spelling) -> tuple[tuple[str, ...], str, bool, str] | None:
+    """Tar shards (DIR/train/*.tar, DIR/train-*.tar) name their classes in classes.txt; None: not shards."""
+    from pipeline.data.shards import CLASSES_FILE, find_shards, shard_classes
+
+    train = data / "train"
+    if not find_shards(data, "train") or (train.is_dir() and any(p.is_dir() for p in train.iterdir())):
+        return None
+    names = shard_classes(data)
+    if names is None:
+        raise UsageError(f"{data}: tar shards label samples by class index (<key>.cls); give {o.classes_arg} (the "
+                         f"model's class names in output order) or put {CLASSES_FILE} beside the shards")  # fmt: skip
+    return names, f"{data} ({CLASSES_FILE})", True, CLASSES_FILE
 
 
 def _plan(spec: ModelSpec, data: Any, calibration: Any, test_limit: int | None) -> DataPlan:
@@ -229,7 +245,9 @@ def _plan(spec: ModelSpec, data: Any, calibration: Any, test_limit: int | None) 
         sets["calibration_set"] = to_imageset(calibration, spec, split="calibration", labelled=False)
     elif calibration is None and "train_set" in sets:
         sets["calibration_set"] = sets["train_set"]  # int8 calibrates on training images unless told otherwise
-    return DataPlan(spec, data_dir=data_dir, calibration_path=cal_path, test_limit=test_limit, **sets)
+    plan = DataPlan(spec, data_dir=data_dir, calibration_path=cal_path, test_limit=test_limit, **sets)
+    plan.check()  # a missing split (calibration included) is reported now, before any stage runs
+    return plan
 
 
 def _memory_sets(spec: ModelSpec, data: Any) -> dict[str, ImageSet]:
@@ -307,7 +325,8 @@ def deploy(
     device: where to profile, as DEVICE: "user@host[:port]", "adb:SERIAL", "local", or several "a,b".
     progress: called as progress(stage_name, record) after each stage; True prints the CLI's lines to stderr.
     Raises the package's errors (pipeline.errors), e.g. BudgetError when a budget is missed (nothing published
-    unless allow_budget_miss).
+    unless allow_budget_miss). A script started by torchrun fine-tunes on every rank (DDP); rank 0 runs the
+    rest and returns the result, the other ranks return None (README, "Fine-tuning at scale").
     """
     from pipeline.deploy import deploy as run_chain
 
@@ -315,8 +334,10 @@ def deploy(
                         input_shape=input_shape, mean=mean, std=std, test_images=test_images, overrides=overrides,
                         device=device, ssh_options=ssh_options, runs_dir=runs_dir, artifacts_dir=artifacts_dir,
                         force=force, allow_budget_miss=allow_budget_miss)  # fmt: skip
+    from pipeline.train.ddp import distributed_deploy
+
     on_stage = printing_progress() if progress is True else (progress or None)
-    return run_chain(req, on_stage)
+    return distributed_deploy(req, lambda: run_chain(req, on_stage))  # under torchrun: None on ranks but 0
 
 
 def record_path(t: TargetProfile, runs_dir: str | Path) -> Path:

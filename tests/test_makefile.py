@@ -51,7 +51,7 @@ COMBINED = "".join(PAYLOADS.values())
 
 # The variables a user may set; MAKE_ENV: a calling make's own state (`make test` runs pytest under make).
 VARIABLES = ("PYTHON", "VENV", "TARGET", "MODEL", "ARGS", "DEVICE", "APP", "NAME", "VERSION", "RESOURCES",
-             "FORCE", "TARGETS")  # fmt: skip
+             "FORCE", "TARGETS", "NPROC")  # fmt: skip
 MAKE_ENV = ("MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES", "MAKELEVEL", "MAKEFILES", "GNUMAKEFLAGS")
 
 
@@ -158,9 +158,10 @@ def expected_argv(goal: str, v: dict[str, str]) -> list[str]:
     """What the Makefile must hand the venv's python for `goal` with the variables `v` (defaults filled in)."""
     target, model = v.get("TARGET", "rpi"), v.get("MODEL", "fmnist_cnn")
     device = [f"--device={v['DEVICE']}"] if v.get("DEVICE") else []
+    nproc = [f"--nproc={v['NPROC']}"] if v.get("NPROC") else []
     match goal:
         case "deploy":
-            return ["-m", "pipeline.make_args", "deploy", f"--target={target}", f"--model={model}", *device]
+            return ["-m", "pipeline.make_args", "deploy", f"--target={target}", f"--model={model}", *device, *nproc]
         case "profile":
             return ["-m", "pipeline.make_args", "profile", f"--target={target}", *device]
         case "ship":
@@ -179,6 +180,7 @@ GOALS = {
     "TARGET": ["profile", "report", "ship", "deploy"],
     "MODEL": ["deploy"],
     "DEVICE": ["profile", "deploy"],
+    "NPROC": ["deploy"],
     "APP": ["ship"],
     "NAME": ["ship"],
     "VERSION": ["ship"],
@@ -361,7 +363,7 @@ def test_every_make_goal_is_still_there() -> None:
     # no recipe or rule pastes a user's value: only "$$EDGESHIP_<NAME>" shell expansions
     code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
     assert not re.search(
-        r"\$[({](TARGET|MODEL|DEVICE|APP|NAME|VERSION|RESOURCES|ARGS|TARGETS|PYTHON|VENV|FORCE)[)}]", code
+        r"\$[({](TARGET|MODEL|DEVICE|NPROC|APP|NAME|VERSION|RESOURCES|ARGS|TARGETS|PYTHON|VENV|FORCE)[)}]", code
     )
 
 
@@ -493,3 +495,16 @@ def test_real_ship_into_an_app_folder_with_an_apostrophe(bundle: Path, tmp_path:
     dest = app / "app" / "src" / "main" / "assets" / "fmnist-tiny"
     assert f"to {dest} (android" in proc.stdout
     assert (dest / "model.tflite").is_file() and (dest / "labels.txt").is_file()
+
+
+@needs_fmnist
+def test_nproc_reaches_deploy_and_deploy_all_as_one_argument(box: Sandbox) -> None:
+    """NPROC=2 (issue 18) becomes --nproc=2 for deploy and for each deploy of deploy-all; unset, nothing."""
+    _, records = box.make("deploy", NPROC="2")
+    assert only_call(records)["argv"] == expected_argv("deploy", {"NPROC": "2"})
+    assert only_call(records)["argv"][-1] == "--nproc=2"
+    _, records = box.make("deploy-all", NPROC=PAYLOADS["semicolon"], TARGETS="rpi host")
+    deploys = [c for c in edgeship_calls(records) if c[2] == "deploy"]
+    assert [c[-1] for c in deploys] == [f"--nproc={PAYLOADS['semicolon']}"] * 2
+    _, records = box.make("deploy", NPROC="")
+    assert not any(a.startswith("--nproc") for a in only_call(records)["argv"])

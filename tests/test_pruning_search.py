@@ -146,3 +146,27 @@ def test_ship_auto_takes_the_fastest_precision_within_the_budget() -> None:
     worst = {"fp32": _variant(0.2, 0.80), "int8": _variant(0.1, 0.70)}
     ship, choice = choose_precision(worst, ("fp32", "int8"), base_acc=0.90, max_drop=0.02)
     assert ship == "fp32" and "no precision" in choice["why"]  # the accuracy budget row then stops the deploy
+
+
+@needs_fmnist
+def test_small_batches_fine_tune_with_batchnorm_statistics_frozen(trained) -> None:
+    """Below 16 images a batch, BatchNorm keeps the running statistics it came with (its scale and shift still
+    learn); at 32 they move. Real distillation on Fashion-MNIST."""
+    from torch import nn
+
+    from pipeline.train.distill import finetune_kd
+
+    model, train, _ = trained
+    small = train.subset(64, seed=1)
+
+    def stats(m):
+        bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+        assert bns, "the tiny model has BatchNorm"
+        return torch.cat([torch.cat([b.running_mean, b.running_var]) for b in bns])
+
+    for batch, frozen in ((4, True), (32, False)):
+        cfg = Finetune(epochs=1.0, batch_size=batch, min_steps=6, early_stopping=False, workers=0)
+        tuned = finetune_kd(model, model, SPEC, small, cfg, seed=0).model
+        assert torch.equal(stats(tuned), stats(model)) == frozen, batch
+        weights_moved = any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), model.parameters(), strict=True))
+        assert weights_moved

@@ -16,13 +16,32 @@ log = logging.getLogger(__name__)
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 
 
-def _read(path: Path, *, size: tuple[int, int], channels: int) -> tuple[np.ndarray, bool, str | None]:
+def read_image(path: Path, *, size: tuple[int, int], channels: int) -> tuple[np.ndarray, bool, str | None]:
     """The image as HxWxC uint8, whether it was resized, and what it was converted from (None: nothing)."""
     import cv2
 
     raw = cv2.imread(str(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)  # EXIF orientation applied
+    return fit_image(raw, str(path), size=size, channels=channels)
+
+
+def decode_bytes(
+    data: bytes, where: str, *, size: tuple[int, int], channels: int
+) -> tuple[np.ndarray, bool, str | None]:
+    """`read_image` for an encoded image held in memory (a member of a tar shard); `where` names it in errors."""
+    import cv2
+
+    raw = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+    return fit_image(raw, where, size=size, channels=channels)
+
+
+def fit_image(raw: np.ndarray | None, where: str, *, size: tuple[int, int], channels: int
+              ) -> tuple[np.ndarray, bool, str | None]:  # fmt: skip
+    """A decoded image (cv2's BGR/BGRA/gray, any depth) as HxWxC uint8 of the model's size and channels, whether
+    it was resized, and what it was converted from (None: nothing)."""
+    import cv2
+
     if raw is None:
-        raise DatasetError(f"{path}: cannot decode this image; remove it or replace it")
+        raise DatasetError(f"{where}: cannot decode this image; remove it or replace it")
     converted = None
     if raw.dtype != np.uint8:
         converted = f"{raw.dtype} pixels"
@@ -56,7 +75,7 @@ def load_image_folder(root: Path, *, size: tuple[int, int], channels: int) -> Im
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):
             if path.suffix.lower() in SUFFIXES:
-                img, was_resized, was = _read(path, size=size, channels=channels)
+                img, was_resized, was = read_image(path, size=size, channels=channels)
                 images.append(img)
                 labels.append(label)
                 resized += was_resized
@@ -64,11 +83,11 @@ def load_image_folder(root: Path, *, size: tuple[int, int], channels: int) -> Im
                     converted[was] += 1
     if not images:
         raise DatasetError(f"{root}: no images ({', '.join(sorted(SUFFIXES))}) in the class folders")
-    _report_changes(root, len(images), resized, converted, size=size, channels=channels)
+    report_changes(root, len(images), resized, converted, size=size, channels=channels)
     return ImageSet(np.stack(images).astype(np.uint8), np.array(labels, dtype=np.int64), tuple(classes), str(root))
 
 
-def _report_changes(root: Path, n: int, resized: int, converted: Counter, *, size: tuple[int, int],
+def report_changes(root: Path | str, n: int, resized: int, converted: Counter, *, size: tuple[int, int],
                     channels: int) -> None:  # fmt: skip
     """Say how many images were resized or converted to fit the model's input: never silently."""
     parts = []

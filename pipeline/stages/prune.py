@@ -134,13 +134,13 @@ def _distiller(ctx: Context, teacher: Any) -> Any:
 
     from pipeline.train.distill import finetune_kd
 
-    cfg = ctx.target.finetune
-    n = min(len(ctx.data.train), cfg.max_train_images or len(ctx.data.train))
+    cfg, train = ctx.target.finetune, ctx.data.train_stream  # streamed: nothing decoded up front
+    n = min(len(train), cfg.max_train_images or len(train))
 
     def distill(student: Any, steps: int) -> Any:
         short = cfg.model_copy(update={"epochs": 1.0 / max(1, math.ceil(n / cfg.batch_size)), "min_steps": steps,
                                        "early_stopping": False})  # fmt: skip
-        return finetune_kd(student, teacher, ctx.spec, ctx.data.train, short, seed=ctx.req.seed).model
+        return finetune_kd(student, teacher, ctx.spec, train, short, seed=ctx.req.seed).model
 
     return distill
 

@@ -42,7 +42,7 @@ def decision_batches(ctx: Context) -> tuple[list[Any], list[Any]]:
     """(validation batches, BatchNorm batches from train) for the pruning decisions; never the test split."""
     p = ctx.target.pruning
     val = ctx.spec.batches(ctx.data.val, limit=p.sensitivity.images, seed=ctx.req.seed)
-    bn = ctx.spec.batches(ctx.data.train, limit=BN_IMAGES, seed=ctx.req.seed + 1)
+    bn = ctx.spec.batches(ctx.data.train_sample(BN_IMAGES, seed=ctx.req.seed + 1))  # decodes only these
     return val, bn
 
 
