@@ -16,6 +16,8 @@ from typing import Any
 from pipeline.artifacts import run_lock
 from pipeline.edgetpu.budget import ROW_NAME, edgetpu_hint
 from pipeline.errors import BudgetError, CheckpointError
+from pipeline.quantize.budget import ROW_NAME as QUANT_ROW
+from pipeline.quantize.budget import quant_hint
 from pipeline.request import DeployRequest, DeployResult, Progress
 from pipeline.runner import run_stage
 from pipeline.stages import CHAIN, Context, Stage
@@ -100,4 +102,6 @@ def budget_hint(t: TargetProfile, misses: list[dict[str, Any]], summary: Mapping
             hints.append("For latency: prune to it directly with pruning.target: {metric: latency}.")
     if ROW_NAME in names:
         hints.append(edgetpu_hint(summary.get("edgetpu")))
+    if QUANT_ROW in names:
+        hints.append(quant_hint(summary.get("quantization")))
     return " ".join(hints)

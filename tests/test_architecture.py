@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "pipeline.runner"),
     ("pipeline.models", "pipeline.data", "pipeline.latency", "pipeline.edgetpu", "pipeline.devices", "pipeline.bench",
      "pipeline.tflite", "pipeline.power", "pipeline.remote", "pipeline.ship", "pipeline.pruning", "pipeline.convert",
-     "pipeline.train", "pipeline.verification"),
+     "pipeline.train", "pipeline.verification", "pipeline.quantize"),
     ("pipeline.stages",),
     ("pipeline.report", "pipeline.bundle"),
     ("pipeline.deploy", "pipeline.api"),

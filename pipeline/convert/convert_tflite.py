@@ -208,8 +208,12 @@ def convert_tflite(
     timeout_s: float = 900,
     log_path: Path | None = None,
     extra_args: Sequence[str] = (),
+    saved_model_dir: Path | None = None,
 ) -> dict[str, TfliteFile]:
     """Run onnx2tf once for all `precisions`; return {precision: TfliteFile} for model_<precision>.tflite.
+
+    With `saved_model_dir`, the TensorFlow SavedModel onnx2tf converted from is kept there (for the
+    selective-quantization remedy, pipeline/quantize/tfconv.py, which re-quantizes it with some ops float).
 
     `extra_args` are further onnx2tf options (e.g. `-rtpo LeakyReLU` for the Edge TPU: see
     pipeline/edgetpu/fixes.py). Raises ConversionError (with onnx2tf's last lines and argv) when it fails, times
@@ -263,9 +267,21 @@ def convert_tflite(
             os.replace(rec.path, final)
             result[precision] = replace(rec, path=final)
             log.info("%s: %s -> %s (%d bytes)", spec.name, precision, final, rec.size_bytes)
+        if saved_model_dir is not None:
+            _keep_saved_model(workdir / "out", Path(saved_model_dir))
         return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _keep_saved_model(src: Path, dest: Path) -> None:
+    if not (src / "saved_model.pb").is_file():
+        raise ConversionError(f"onnx2tf wrote no saved_model.pb in {src}; cannot keep the SavedModel")
+    for f in src.glob("*.tflite"):
+        f.unlink()
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(src), str(dest))
 
 
 def _check_io(rec: TfliteFile, spec: ModelSpec, *, int8_io: str) -> None:

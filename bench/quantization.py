@@ -1,0 +1,263 @@
+"""Benchmark: int8 that keeps accuracy. Plain post-training quantization, then each remedy in order.
+
+    python -m bench.quantization [--models fmnist_cnn silu_hswish ...] [--qat-steps 300] [--val 1000]
+
+Models: the bench models that have a checkpoint in models/ (fmnist_cnn; resnet_fm and mobilenetv2_fm when
+their checkpoints exist) and small int8-hostile nets trained here for --train-steps on Fashion-MNIST
+(SiLU + hard-swish, a concat of branches with different ranges, grouped + depthwise 5x5 convolutions, a
+residual add after a wide-range branch). For each: pipeline/quantize/remedies.py with an unreachable
+min_agreement, so every remedy runs and is measured (each row: the candidate that remedy produced, kept
+only when it beats the best so far; the pipeline itself stops at the first row reaching 0.99). Agreement and
+accuracy are on --val held-out *training* images (the validation split the pipeline decides on), size is
+the .tflite file, p50 is this host (benchmark runner, 1 thread). Coral: the same rows without `selective`
+(Edge TPU stays full-integer). Rewrites the "Quantization" section of BENCHMARKS.md with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.latency_pruning import _write_section
+from pipeline.bench import BenchSettings, profile_local
+from pipeline.data.imageset import ImageSet
+from pipeline.deploy import REPO
+from pipeline.models.spec import ModelSpec
+
+SECTION = "## Quantization"
+GOAL = 0.99
+log = logging.getLogger("bench.quantization")
+
+
+def _cbr(cin: int, cout: int, k: int = 3, s: int = 1, g: int = 1, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout), act())
+
+
+class SiluHswish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_cbr(1, 16, act=nn.SiLU), _cbr(16, 32, s=2, act=nn.Hardswish),
+                                  _cbr(32, 32, act=nn.SiLU), _cbr(32, 64, s=2, act=nn.Hardswish))  # fmt: skip
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+class BranchConcat(nn.Module):
+    """Two branches whose outputs differ ~30x in range, concatenated into one int8 tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(1, 16, s=2)
+        self.a, self.b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+        self.mix = _cbr(32, 32, s=2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.cat([torch.relu(self.a(x)) * 30.0, torch.relu(self.b(x))], dim=1)
+        return self.head(self.mix(y).mean(dim=(2, 3)))
+
+
+class GroupedDw5(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_cbr(1, 32, s=2), _cbr(32, 32, k=5, g=32), _cbr(32, 64, g=4),
+                                  _cbr(64, 64, k=5, s=2, g=64), _cbr(64, 64, k=1))  # fmt: skip
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+class WideResidual(nn.Module):
+    """A residual add whose branch has a ~50x wider range than the identity path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(1, 32, s=2)
+        self.branch = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+        self.out = _cbr(32, 64, s=2)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + 50.0 * self.branch(x))
+        return self.head(self.out(x).mean(dim=(2, 3)))
+
+
+HOSTILE = {"silu_hswish": SiluHswish, "branch_concat": BranchConcat, "grouped_dw5x5": GroupedDw5,
+           "wide_residual": WideResidual}  # fmt: skip
+ZOO = ("fmnist_cnn", "resnet_fm", "mobilenetv2_fm")
+
+
+def _fmnist_spec(name: str, build: Any) -> ModelSpec:
+    from pipeline.data.fashion_mnist import CLASS_NAMES
+
+    return ModelSpec(name=name, build=build, input_shape=(1, 28, 28), mean=(0.2860,), std=(0.3530,),
+                     class_names=CLASS_NAMES)  # fmt: skip
+
+
+def _train(model: nn.Module, spec: ModelSpec, train: ImageSet, steps: int) -> nn.Module:
+    torch.manual_seed(0)
+    x, y = spec.to_tensor(train.images), torch.from_numpy(train.labels).long()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _splits(spec: ModelSpec, n_val: int) -> dict[str, ImageSet]:
+    from pipeline.data.sources import DataPlan
+
+    plan = DataPlan(spec)
+    return {"train": plan.train_sample(6000, seed=0), "val": plan.val.subset(n_val, seed=0),
+            "calibration": plan.calibration.subset(200, seed=0)}  # fmt: skip
+
+
+def _model(name: str, args: argparse.Namespace) -> tuple[nn.Module, ModelSpec, dict[str, ImageSet]] | None:
+    if name in HOSTILE:
+        spec = _fmnist_spec(name, HOSTILE[name])
+        data = _splits(spec, args.val)
+        return _train(spec.build(), spec, data["train"], args.train_steps), spec, data
+    from pipeline.models.checkpoint import load_checkpoint
+    from pipeline.models.zoo import get_model_spec
+
+    spec = get_model_spec(name)
+    ckpt = REPO / (spec.default_checkpoint or "")
+    if not spec.default_checkpoint or not ckpt.is_file():
+        log.warning("%s: no checkpoint at %s: left out", name, ckpt)
+        return None
+    model, _ = load_checkpoint(ckpt, spec.build())
+    return model.eval(), spec, _splits(spec, args.val)
+
+
+def _bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any] | None:
+    from pipeline.convert.convert_tflite import convert_tflite
+    from pipeline.convert.export_onnx import export_onnx
+    from pipeline.quantize.remedies import REMEDIES, RemedyJob, run_remedies
+    from pipeline.verification import _torch_logits
+
+    got = _model(name, args)
+    if got is None:
+        return None
+    model, spec, data = got
+    out = work / name
+    onnx = export_onnx(model, spec, out / "model.onnx", check_images=data["calibration"].images[:8])
+    files = convert_tflite(onnx, spec, out, precisions=("fp32", "int8"), calibration=data["calibration"],
+                           saved_model_dir=out / "saved_model")  # fmt: skip
+    timing = BenchSettings(threads=1, warmup=10, runs=100, min_seconds=0.5)
+    job = RemedyJob(model=model, spec=spec, onnx=onnx.path, fp32=files["fp32"].path, int8=files["int8"].path,
+                    saved_model=out / "saved_model", val=data["val"], calibration=data["calibration"],
+                    extra_calibration=data["train"], train=data["train"], min_agreement=1.01, remedies=REMEDIES,
+                    int8_io="int8", full_integer_only=False, max_float_ops=args.max_float_ops,
+                    qat_steps=args.qat_steps, threads=1, seed=0,
+                    timing=lambda p: float(profile_local(p, timing)["latency_ms"]["p50"]))  # fmt: skip
+    start = time.perf_counter()
+    rec = run_remedies(job, out)
+    logits = _torch_logits(model, spec.to_tensor(data["val"].images))
+    fp32_acc = float(np.mean(np.argmax(logits, 1) == data["val"].labels))
+    return {"model": name, "fp32_accuracy": fp32_acc, "fp32_size": files["fp32"].size_bytes, "record": rec,
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def _first_meeting(rows: list[dict[str, Any]], skip_selective: bool = False) -> dict[str, Any] | None:
+    for r in rows:
+        if r.get("skipped") or (skip_selective and r["remedy"].startswith("selective")):
+            continue
+        if r["agreement"] >= GOAL:
+            return r
+    return None
+
+
+def _table(results: list[dict[str, Any]]) -> list[str]:
+    lines = ["| model | step | int8 agreement | accuracy drop from fp32 | size | p50 | kept |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for res in results:
+        rec, acc = res["record"], res["fp32_accuracy"]
+        lines.append(f"| {res['model']} | fp32 | 1 | 0 (accuracy {acc:.4f}) | {res['fp32_size']:,} B | "
+                     f"{rec['fp32_p50_ms']:.3f} ms | |")  # fmt: skip
+        for r in rec["steps"]:
+            if r.get("skipped"):
+                lines.append(f"| {res['model']} | {r['remedy']} | skipped: {r['skipped']} | | | | |")
+                continue
+            drop, kept = 100 * (acc - r["accuracy"]), "yes" if r["kept"] else "no"
+            lines.append(f"| {res['model']} | {r['remedy']} | {r['agreement']:.4f} | {drop:+.2f} pt | "
+                         f"{r['size_bytes']:,} B | {r['p50_ms']:.3f} ms | {kept} |")  # fmt: skip
+    return lines
+
+
+def _goals(results: list[dict[str, Any]]) -> list[str]:
+    lines = ["| model | CPU: first step >= 0.99 | its drop | Coral (full-integer): first step >= 0.99 | its drop |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for res in results:
+        rows, acc = res["record"]["steps"], res["fp32_accuracy"]
+        cells = []
+        for skip in (False, True):
+            r = _first_meeting(rows, skip)
+            cells += ["not reached", ""] if r is None else [r["remedy"], f"{100 * (acc - r['accuracy']):+.2f} pt"]
+        lines.append(f"| {res['model']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _report(results: list[dict[str, Any]], args: argparse.Namespace, argv: list[str] | None) -> None:
+    cmd = "python -m bench.quantization " + shlex.join(argv if argv is not None else sys.argv[1:])
+    body = [f"{SECTION} (int8 remedies, {platform.machine()}, 1 thread)", "",
+            f"Command: `{cmd.strip()}`. Agreement = top-1 agreement of the int8 file with PyTorch, accuracy drop = "
+            f"fp32 PyTorch accuracy minus the int8 file's, both on {args.val} held-out training images (the "
+            "validation split); size = .tflite bytes; p50 = this host, benchmark runner, 1 thread, 100 runs. "
+            "Every remedy runs (unreachable min_agreement) and each row is the model that remedy produced; "
+            "`kept` = it beat the best so far, so later rows start from it. Hostile models trained here for "
+            f"{args.train_steps} steps.", "", *_table(results), "",
+            "Goals (the pipeline stops at the first step reaching min_agreement 0.99; Coral never keeps ops "
+            "float, so its column skips `selective`):", "", *_goals(results), ""]  # fmt: skip
+    print("\n".join(body), flush=True)
+    if not args.no_write:
+        _write_section(args.out, SECTION, "\n".join(body))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=[*ZOO, *HOSTILE])
+    ap.add_argument("--val", type=int, default=1000)
+    ap.add_argument("--train-steps", type=int, default=400)
+    ap.add_argument("--qat-steps", type=int, default=300)
+    ap.add_argument("--max-float-ops", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(2)
+    work = Path(tempfile.mkdtemp(prefix="bench-quant-"))
+    results: list[dict[str, Any]] = []
+    try:
+        for name in args.models:  # the section is rewritten after every model: a long run keeps what it measured
+            if (r := _bench_model(name, args, work)) is not None:
+                results.append(r)
+                _report(results, args, argv)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

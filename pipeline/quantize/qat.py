@@ -1,0 +1,217 @@
+"""Remedy (d): quantization-aware fine-tuning by distillation, with fake quantization matching TFLite int8.
+
+The student is a BatchNorm-folded torch.fx copy of the model (so the weights it learns are the ones TFLite
+quantizes). Weights are fake-quantized per output channel, symmetric (scale = max |w| / 127); activations per
+tensor, asymmetric, at the points where TFLite keeps an int8 tensor: the input, every layer output except a
+conv/linear whose only consumer is a ReLU (TFLite fuses the pair), adds, concatenations and pools. Activation
+ranges start at the calibration images' min/max and follow an exponential moving average of each batch's
+min/max; after 60% of the steps they are set to the min/max of the calibration images through the network
+as it is then (weights on the int8 grid) and frozen. The loss is distillation from the float teacher (KL of softened
+logits, T = 2) alone: the goal is agreement with the float model, so labels are not needed.
+
+What ships: the weights end on TFLite's grid (the fake-quantized values are written into the model, so the
+converter's per-channel max |w| / 127 reproduces them), and the last 40% of the steps trained against the
+activation ranges the converter calibrates from the same calibration images (min/max), so the ranges the
+network learned to live with are the ones the int8 file gets. The fake-quant nodes are removed and the model
+goes through the same export and onnx2tf conversion as every other remedy. The ranges are the converter's
+own min/max, not learned clipping values: onnx2tf 1.29 has no way to take given ranges.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pipeline.quantize.equalize import EqualizeSkipped
+from pipeline.quantize.scheme import fake_quant_act, fake_quant_weight
+
+log = logging.getLogger(__name__)
+
+NO_QUANT_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Unflatten)
+FUSED_ACT = (nn.ReLU, nn.ReLU6)
+QUANT_FUNCS = {
+    operator.add,
+    operator.mul,
+    torch.add,
+    torch.mul,
+    torch.cat,
+    torch.relu,
+    nn.functional.relu,
+    nn.functional.silu,
+    nn.functional.hardswish,
+    nn.functional.adaptive_avg_pool2d,
+    nn.functional.avg_pool2d,
+    nn.functional.max_pool2d,
+    nn.functional.interpolate,
+    torch.sigmoid,
+}
+TEMPERATURE = 2.0
+CE_WEIGHT = 0.0  # the goal is agreement with the float model: pure distillation (labels not needed)
+FREEZE_AT = 0.6
+EMA = 0.05
+
+
+class ActQuant(nn.Module):
+    """Per-tensor asymmetric int8 fake quantization of one activation, its range a moving average."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("lo", torch.tensor(float("inf")))
+        self.register_buffer("hi", torch.tensor(float("-inf")))
+        self.mode = "observe"  # observe | train | frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.lo.fill_(min(float(self.lo), float(x.min())))
+            self.hi.fill_(max(float(self.hi), float(x.max())))
+            return x
+        if self.mode == "train":
+            self.lo.mul_(1 - EMA).add_(EMA * x.detach().min())
+            self.hi.mul_(1 - EMA).add_(EMA * x.detach().max())
+        return fake_quant_act(x, float(self.lo), float(self.hi))
+
+
+class _WeightQuant(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quant_weight(w, 0)
+
+
+@dataclass(frozen=True)
+class QatRecord:
+    steps: int
+    act_points: int
+    final_loss: float
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "act_points": self.act_points, "final_loss": self.final_loss}
+
+
+def _fused_into_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if len(node.users) != 1 or node.op != "call_module":
+        return False
+    if not isinstance(gm.get_submodule(str(node.target)), (nn.Conv2d, nn.Linear)):
+        return False
+    user = next(iter(node.users))
+    if user.op == "call_module":
+        return isinstance(gm.get_submodule(str(user.target)), FUSED_ACT)
+    return user.op == "call_function" and user.target in (torch.relu, nn.functional.relu)
+
+
+def _wants_quant(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op == "placeholder":
+        return True
+    if node.op == "call_module":
+        return not isinstance(gm.get_submodule(str(node.target)), NO_QUANT_MODULES) and not _fused_into_relu(gm, node)
+    return node.op == "call_function" and node.target in QUANT_FUNCS
+
+
+def insert_act_quant(gm: torch.fx.GraphModule) -> list[ActQuant]:
+    """An ActQuant after every node where TFLite keeps an int8 tensor; returns them in graph order."""
+    quants = []
+    for node in list(gm.graph.nodes):
+        if not _wants_quant(gm, node):
+            continue
+        q = ActQuant()
+        name = f"actq_{len(quants)}"
+        gm.add_submodule(name, q)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+        quants.append(q)
+    gm.graph.lint()
+    gm.recompile()
+    return quants
+
+
+def _student(model: nn.Module) -> torch.fx.GraphModule:
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(copy.deepcopy(model).eval())
+    except Exception as exc:  # torch.fx raises TraceError, TypeError, NotImplementedError ...
+        raise EqualizeSkipped(f"torch.fx cannot trace the model for QAT ({type(exc).__name__}: {exc})") from exc
+
+
+def _set_mode(quants: list[ActQuant], mode: str) -> None:
+    for q in quants:
+        q.mode = mode
+
+
+def _observe(gm: nn.Module, quants: list[ActQuant], calib: torch.Tensor) -> None:
+    """Ranges = the min/max of the activations on the calibration images (weights already on the int8 grid):
+    what TFLite's converter calibrates for the exported model."""
+    for q in quants:
+        q.lo.fill_(float("inf"))
+        q.hi.fill_(float("-inf"))
+    _set_mode(quants, "observe")
+    with torch.no_grad():
+        gm(calib)
+
+
+def _without(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The graph with the ActQuant nodes taken out: the exported model carries only TFLite's own quantization."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), ActQuant):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            delattr(gm, str(node.target))
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _train(gm: nn.Module, teacher: nn.Module, quants: list[ActQuant], data: tuple, calib: torch.Tensor, *,
+           steps: int, lr: float, batch: int, seed: int) -> float:  # fmt: skip
+    x, y = data
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=lr)
+    loss = torch.tensor(0.0)
+    _set_mode(quants, "train")
+    for step in range(steps):
+        if step == int(FREEZE_AT * steps):
+            _observe(gm, quants, calib)
+            _set_mode(quants, "frozen")
+        idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen)
+        with torch.no_grad():
+            t = teacher(x[idx])
+        s = gm(x[idx])
+        t2 = TEMPERATURE * TEMPERATURE
+        loss = nn.functional.kl_div(nn.functional.log_softmax(s / TEMPERATURE, 1),
+                                    nn.functional.softmax(t / TEMPERATURE, 1), reduction="batchmean") * t2  # fmt: skip
+        if y is not None and CE_WEIGHT:
+            loss = (1 - CE_WEIGHT) * loss + CE_WEIGHT * nn.functional.cross_entropy(s, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def qat_finetune(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, calib: torch.Tensor, *,
+    steps: int = 300, lr: float = 2e-5, batch: int = 64, seed: int = 0,
+) -> tuple[nn.Module, QatRecord]:  # fmt: skip
+    """A QAT-fine-tuned copy of `model` (the teacher) ready to export, its weights on TFLite's int8 grid.
+    `x`, `y`: normalized training images (NCHW) and labels (or None); `calib`: the calibration images."""
+    torch.manual_seed(seed)
+    teacher = copy.deepcopy(model).eval()
+    gm = _student(model)
+    quants = insert_act_quant(gm)
+    with torch.no_grad():
+        gm(calib)  # observe: ranges start at the calibration min/max
+    for mod in list(gm.modules()):
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            parametrize.register_parametrization(mod, "weight", _WeightQuant())
+    gm.train()
+    final = _train(gm, teacher, quants, (x, y), calib, steps=steps, lr=lr, batch=batch, seed=seed)
+    for mod in list(gm.modules()):
+        if parametrize.is_parametrized(mod, "weight"):
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+    gm = _without(gm.eval())
+    log.info("QAT: %d steps, %d activation points, loss %.4f", steps, len(quants), final)
+    return gm, QatRecord(steps, len(quants), final)

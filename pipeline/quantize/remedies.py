@@ -1,0 +1,369 @@
+"""The remedies, applied in order until the int8 model agrees with PyTorch on `min_agreement` of the
+validation images (top-1), each one measured and recorded.
+
+0. plain post-training quantization (what the convert stage gave): measured, per-op error computed.
+1. `calibration`: more calibration images (the calibration set plus training images, up to
+   `CALIBRATION_FACTOR` x the profile's count). onnx2tf 1.29 calibrates with TensorFlow's min/max only: it has
+   no percentile or KL option, so none is claimed here (QAT's learned ranges are the clipping remedy).
+2. `equalization`: cross-layer equalization + bias correction in PyTorch (pipeline/quantize/equalize.py),
+   re-exported and re-converted.
+3. `selective`: the ops with the largest share of the error kept in float (1, 2, 4 ... up to
+   `max_float_ops`), re-quantized from the same SavedModel (pipeline/quantize/tfconv.py). Never on Edge TPU
+   targets: they must stay full-integer.
+4. `qat`: quantization-aware distillation (pipeline/quantize/qat.py), exported through the same converter.
+
+A remedy is kept only when it raises the agreement (ties: higher accuracy); later remedies start from the best
+model so far. Every number here is on the validation split, never the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.data.imageset import ImageSet
+from pipeline.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+REMEDIES = ("calibration", "equalization", "selective", "qat")
+CALIBRATION_FACTOR = 4
+OP_ERROR_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class RemedyJob:
+    """Everything the remedies need; `extra_args(onnx_path)` gives the target's onnx2tf options."""
+
+    model: nn.Module  # the float model, as exported (Edge TPU rewrites applied): the reference
+    spec: ModelSpec
+    onnx: Path  # its ONNX export
+    fp32: Path | None  # its float TFLite file (None: converted again here)
+    int8: Path  # its plain PTQ int8 file
+    saved_model: Path | None  # the SavedModel both came from (None: converted again when selective needs it)
+    val: ImageSet
+    calibration: ImageSet  # the calibration set used for the plain conversion
+    extra_calibration: ImageSet  # training images to add for more calibration
+    train: ImageSet  # for QAT
+    min_agreement: float
+    remedies: tuple[str, ...]
+    int8_io: str
+    full_integer_only: bool  # Edge TPU: no float ops
+    max_float_ops: int
+    qat_steps: int
+    threads: int
+    seed: int
+    extra_args: Callable[[Path], Sequence[str]] = lambda _: ()
+    timing: Callable[[Path], float] | None = None  # p50 ms of a .tflite file, when latency is measured
+
+
+@dataclass
+class Candidate:
+    name: str
+    int8: Path
+    fp32: Path
+    saved_model: Path | None
+    model: nn.Module  # the float model this int8 file was converted from
+    calibration: ImageSet
+    agreement: float = 0.0
+    accuracy: float | None = None
+    size_bytes: int = 0
+    p50_ms: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, kept: bool) -> dict[str, Any]:
+        return {
+            "remedy": self.name,
+            "agreement": self.agreement,
+            "accuracy": self.accuracy,
+            "size_bytes": self.size_bytes,
+            "p50_ms": self.p50_ms,
+            "kept": kept,
+            **self.details,
+        }
+
+
+class _Ref:
+    """PyTorch's answers on the validation images, and the same images as NHWC for TFLite."""
+
+    def __init__(self, job: RemedyJob) -> None:
+        from pipeline.verification import _torch_logits
+
+        x = job.spec.to_tensor(job.val.images)
+        self.top1 = np.argmax(_torch_logits(job.model, x), axis=1)
+        self.labels = job.val.labels
+        self.nhwc = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
+
+    def measure(self, c: Candidate, job: RemedyJob) -> Candidate:
+        from pipeline.tflite import run_batch
+
+        logits = run_batch(c.int8, self.nhwc, threads=job.threads)
+        top1 = np.argmax(logits, axis=1)
+        c.agreement = float(np.mean(top1 == self.top1))
+        c.accuracy = None if self.labels is None else float(np.mean(top1 == self.labels))
+        c.size_bytes = c.int8.stat().st_size
+        c.p50_ms = job.timing(c.int8) if job.timing is not None else None
+        log.info("%s: int8 agreement %.4f on %d validation images", c.name, c.agreement, len(self.top1))
+        return c
+
+
+def _better(a: Candidate, b: Candidate) -> bool:
+    return (a.agreement, a.accuracy or 0.0) > (b.agreement, b.accuracy or 0.0)
+
+
+def _convert(job: RemedyJob, model: nn.Module, calib: ImageSet, work: Path, name: str) -> Candidate:
+    """Export `model` and convert it (fp32 + int8, SavedModel kept) with onnx2tf in `work/name`."""
+    from pipeline.convert.convert_tflite import convert_tflite
+    from pipeline.convert.export_onnx import OnnxExport, export_onnx
+
+    folder = work / name
+    if model is job.model:
+        onnx = OnnxExport.from_path(job.onnx)
+    else:
+        onnx = export_onnx(model, job.spec, folder / "model.onnx", check_images=calib.images[:8], tolerance=1.0)
+    files = convert_tflite(
+        onnx,
+        job.spec,
+        folder,
+        precisions=("fp32", "int8"),
+        calibration=calib,
+        int8_io=job.int8_io,
+        log_path=folder / "onnx2tf.log",
+        extra_args=tuple(job.extra_args(Path(onnx.path))),
+        saved_model_dir=folder / "saved_model",
+    )
+    return Candidate(name, files["int8"].path, files["fp32"].path, folder / "saved_model", model, calib)
+
+
+def _calibration(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Candidate:
+    want = CALIBRATION_FACTOR * len(job.calibration)
+    extra = job.extra_calibration.subset(max(0, want - len(job.calibration)), seed=job.seed)
+    images = np.concatenate([job.calibration.images, extra.images])
+    calib = ImageSet(images, None, job.calibration.class_names, f"{job.calibration.source} + {extra.source}")
+    c = _convert(job, best.model, calib, work, "calibration")
+    c.details = {"calibration_images": len(calib), "was": len(job.calibration)}
+    return ref.measure(c, job)
+
+
+def _equalization(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Candidate:
+    from pipeline.quantize.equalize import equalize
+
+    calib = torch.as_tensor(job.spec.to_tensor(best.calibration.subset(256, seed=job.seed).images))
+    model, rec = equalize(best.model, calib)
+    c = _convert(job, model, best.calibration, work, "equalization")
+    c.details = rec.to_dict()
+    return ref.measure(c, job)
+
+
+def _qat(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Candidate:
+    from pipeline.quantize.qat import qat_finetune
+
+    x = job.spec.to_tensor(job.train.images)
+    y = None if job.train.labels is None else torch.from_numpy(job.train.labels).long()
+    calib = job.spec.to_tensor(best.calibration.subset(256, seed=job.seed).images)
+    model, rec = qat_finetune(best.model, x, y, calib, steps=job.qat_steps, seed=job.seed)
+    c = _convert(job, model, best.calibration, work, "qat")
+    c.details = rec.to_dict()
+    return ref.measure(c, job)
+
+
+def requantize_float(job: RemedyJob, best: Candidate, tensors: Sequence[str], out: Path) -> Path:
+    """`best`'s SavedModel quantized again with `tensors` (op outputs) kept float; returns the file."""
+    from pipeline.errors import ConversionError
+    from pipeline.proc import run_tool
+
+    folder = out.parent
+    calib = folder / f"{out.stem}.calib.npy"
+    np.save(calib, best.calibration.images.astype(np.float32) / np.float32(255.0))
+    spec = job.spec
+    payload = {
+        "saved_model": str(best.saved_model),
+        "calibration": str(calib),
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "per_channel": True,
+        "int8_io": job.int8_io,
+        "denylisted_nodes": list(tensors),
+        "out": str(out),
+    }
+    job_file = folder / f"{out.stem}.job.json"
+    job_file.write_text(json.dumps(payload))
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "-1",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = run_tool(
+        [sys.executable, "-m", "pipeline.quantize.tfconv", str(job_file)],
+        timeout_s=900,
+        env=env,
+        log_file=folder / f"{out.stem}.log",
+    )
+    if done.rc != 0 or not out.is_file():
+        tail = (folder / f"{out.stem}.log").read_text(errors="replace")[-1500:]
+        raise ConversionError(f"selective quantization of {best.saved_model} failed (exit {done.rc}):\n{tail}")
+    return out
+
+
+def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: Any) -> tuple[Candidate, list]:
+    """Keep the 1, 2, 4 ... worst ops float until min_agreement is met; the best try and every try's row."""
+    ranked = [o for o in errors.worst(job.max_float_ops) if o.share > 0]
+    if best.saved_model is None:  # the convert stage kept no SavedModel: the same conversion once more
+        again = _convert(job, best.model, best.calibration, work, "plain")
+        best = Candidate(best.name, again.int8, again.fp32, again.saved_model, best.model, best.calibration)
+    tries: list[dict[str, Any]] = []
+    chosen: Candidate | None = None
+    k = 1
+    (work / "selective").mkdir(parents=True, exist_ok=True)
+    while ranked and k <= len(ranked):
+        ops = ranked[:k]
+        tensors = [t for o in ops for t in (o.tensor, *o.passthrough)]
+        path = requantize_float(job, best, tensors, work / "selective" / f"float{k}.tflite")
+        c = Candidate(
+            f"selective ({k} float op{'s' if k > 1 else ''})",
+            path,
+            best.fp32,
+            best.saved_model,
+            best.model,
+            best.calibration,
+        )
+        c.details = {"float_ops": [o.where() for o in ops], "float_tensors": tensors}
+        ref.measure(c, job)
+        tries.append({"float_ops": k, "agreement": c.agreement, "p50_ms": c.p50_ms})
+        if chosen is None or _better(c, chosen):
+            chosen = c
+        if c.agreement >= job.min_agreement or k == len(ranked):
+            break
+        k = min(2 * k, len(ranked))
+    if chosen is None:
+        raise _Skipped("no op adds measurable error: nothing to keep in float")
+    chosen.details["tries"] = tries
+    return chosen, tries
+
+
+class _Skipped(Exception):
+    pass
+
+
+def _errors(c: Candidate, job: RemedyJob, ref: _Ref) -> Any:
+    from pipeline.quantize.operrors import op_errors
+
+    example = job.spec.to_tensor(job.val.images[:1])
+    return op_errors(
+        c.fp32,
+        c.int8,
+        ref.nhwc[:OP_ERROR_IMAGES],
+        model=c.model,
+        example=example,
+        source=f"{min(len(ref.nhwc), OP_ERROR_IMAGES)} images of {job.val.source}",
+    )
+
+
+def _try(name: str, job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: Any) -> Candidate:
+    from pipeline.quantize.equalize import EqualizeSkipped
+
+    try:
+        if name == "calibration":
+            return _calibration(job, best, work, ref)
+        if name == "equalization":
+            return _equalization(job, best, work, ref)
+        if name == "selective":
+            if job.full_integer_only:
+                raise _Skipped("Edge TPU targets must stay full-integer: no op may stay float")
+            return _selective(job, best, work, ref, errors)[0]
+        return _qat(job, best, work, ref)
+    except EqualizeSkipped as exc:
+        raise _Skipped(str(exc)) from exc
+
+
+def run_remedies(job: RemedyJob, out: Path) -> dict[str, Any]:
+    """Apply the remedies in order until min_agreement is met; write the winner to out/model_int8.tflite and
+    return the record the report and manifest show (the per-op errors of the first and the final model)."""
+    work = out / ".quantize"
+    work.mkdir(parents=True, exist_ok=True)
+    ref = _Ref(job)
+    plain = Candidate("plain PTQ", job.int8, job.fp32, job.saved_model, job.model, job.calibration)  # type: ignore[arg-type]
+    if job.fp32 is None:
+        plain = _convert(job, job.model, job.calibration, work, "plain")
+        plain.name = "plain PTQ"
+    ref.measure(plain, job)
+    best, rows = plain, [plain.row(True)]
+    first_errors = errors = _errors(plain, job, ref)
+    for name in REMEDIES:
+        if best.agreement >= job.min_agreement or name not in job.remedies:
+            continue
+        try:
+            c = _try(name, job, best, work, ref, errors)
+        except _Skipped as exc:
+            rows.append({"remedy": name, "skipped": str(exc), "kept": False})
+            continue
+        kept = _better(c, best)
+        rows.append(c.row(kept))
+        if kept:
+            best = c
+            errors = _errors(best, job, ref)
+    result = _record(job, best, rows, (first_errors, errors), ref, plain.fp32)
+    if best is not plain:
+        shutil.copyfile(best.int8, out / ".model_int8.tmp")
+        os.replace(out / ".model_int8.tmp", out / "model_int8.tflite")
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _record(job: RemedyJob, best: Candidate, rows: list, errs: tuple, ref: _Ref, first_fp32: Path) -> dict[str, Any]:
+    first, final = errs
+    met = best.agreement >= job.min_agreement
+    fp32_ms = job.timing(first_fp32) if job.timing is not None else None
+    holding = [o.where() for o in final.worst(5) if o.share > 0]
+    return {
+        "min_agreement": job.min_agreement,
+        "met": met,
+        "val_images": len(ref.top1),
+        "data": job.val.source,
+        "agreement": best.agreement,
+        "accuracy": best.accuracy,
+        "shipped": best.name,
+        "float_ops": best.details.get("float_ops", []),
+        "size_bytes": best.size_bytes,
+        "p50_ms": best.p50_ms,
+        "plain_p50_ms": rows[0]["p50_ms"],
+        "fp32_p50_ms": fp32_ms,
+        "steps": rows,
+        "op_errors": {"plain": first.to_dict(), "final": final.to_dict()},
+        "holding_back": holding,
+        "advice": None if met else advice(job, best, holding),
+    }
+
+
+def advice(job: RemedyJob, best: Candidate, holding: Sequence[str]) -> str:
+    """What to change when no remedy reached min_agreement."""
+    ops = "; ".join(holding[:3]) or "no single op stands out"
+    tips = [
+        f"int8 top-1 agreement with PyTorch is {best.agreement:.4f} on {len(job.val)} validation images, "
+        f"below quantize.min_agreement {job.min_agreement:g} after {', '.join(job.remedies) or 'no remedies'}. "
+        f"The ops holding it back: {ops}."
+    ]
+    if job.full_integer_only:
+        tips.append(
+            "Edge TPU models must stay full-integer: bound those layers' activations (ReLU6 instead of "
+            "SiLU/hard-swish, BatchNorm before wide-range adds), raise quantize.qat_steps,"
+        )
+    else:
+        tips.append(
+            "Allow more float ops (quantize.max_float_ops), raise quantize.qat_steps, ship fp16 or fp32 "
+            "(quantize.ship),"
+        )
+    tips.append("or lower quantize.min_agreement.")
+    return " ".join(tips)

@@ -1,0 +1,74 @@
+"""Re-quantize the SavedModel onnx2tf converted from, with some ops kept in float (selective quantization).
+
+Runs as a subprocess (`python -m pipeline.quantize.tfconv job.json`) so TensorFlow never loads into the
+pipeline's process, like onnx2tf itself. The converter settings are onnx2tf 1.29's own (from_saved_model,
+Optimize.DEFAULT, TFLITE_BUILTINS_INT8 + SELECT_TF_OPS, the same per-channel switch, calibration data
+normalized with the model's mean/std); the quantization step is the one TensorFlow's QuantizationDebugger
+uses to denylist nodes (calibrate only, then `mlir_quantize(..., denylisted_nodes=...)`), with the I/O types
+of the profile's `quantize.int8_io`.
+
+job.json: {"saved_model": dir, "calibration": calib.npy (NHWC 0-1 float32), "mean": [...], "std": [...],
+"per_channel": bool, "int8_io": "int8"|"uint8"|"float32", "denylisted_nodes": [tensor names], "out": path}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def requantize(job: dict[str, Any]) -> None:
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.lite.python import convert
+
+    calib = np.load(job["calibration"]).astype(np.float32)
+    mean = np.asarray(job["mean"], np.float32).reshape(1, 1, 1, -1)
+    std = np.asarray(job["std"], np.float32).reshape(1, 1, 1, -1)
+
+    def representative():
+        for i in range(len(calib)):
+            yield [((calib[i : i + 1] - mean) / std).astype(np.float32)]
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(job["saved_model"])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.SELECT_TF_OPS]
+    converter._experimental_disable_per_channel = not job["per_channel"]
+    converter.representative_dataset = representative
+    converter.experimental_mlir_quantizer = True
+    converter._experimental_calibrate_only = True
+    calibrated = converter.convert()
+    nodes = _exact_names(calibrated, job["denylisted_nodes"])
+    io = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}[job["int8_io"]]
+    model = convert.mlir_quantize(
+        calibrated,
+        disable_per_channel=not job["per_channel"],
+        fully_quantize=job["int8_io"] != "float32",
+        input_data_type=io,
+        output_data_type=io,
+        denylisted_nodes=nodes or None,
+    )
+    out = Path(job["out"])
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(model)
+    tmp.replace(out)
+
+
+def _exact_names(calibrated: bytes, wanted: list[str]) -> list[str]:
+    """The calibrated model's own names of the `wanted` tensors (matched without their fused constants)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from pipeline.quantize.operrors import norm_name
+
+    names = [d["name"] for d in Interpreter(model_content=calibrated).get_tensor_details()]
+    by_norm = {norm_name(n): n for n in names}
+    missing = [w for w in wanted if norm_name(w) not in by_norm]
+    if missing:
+        raise SystemExit(f"tfconv: tensors not in the calibrated model: {missing}")
+    return [by_norm[norm_name(w)] for w in wanted]
+
+
+if __name__ == "__main__":
+    requantize(json.loads(Path(sys.argv[1]).read_text()))

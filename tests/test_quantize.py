@@ -1,0 +1,323 @@
+"""int8 quantization that keeps accuracy (issue 14): per-op error, the remedies, the min_agreement stop.
+
+Real tools throughout: a small CNN trained briefly on real Fashion-MNIST, torch.onnx, onnx2tf (subprocess),
+TensorFlow's converter for selective quantization (subprocess), ai-edge-litert. The "planted" model computes
+exactly the same function as the trained one, but one output channel of `conv2` is scaled 1000x (its weights
+and bias) and conv3's weights reading that channel 1000x down: ReLU is positively homogeneous, so float is
+unchanged while int8 loses the other 15 channels of conv2's output (one per-tensor scale for all of them).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from pipeline.data.imageset import ImageSet
+from pipeline.models.spec import ModelSpec
+from tests.conftest import needs_fmnist
+
+pytestmark = needs_fmnist
+
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(1, 16, 3, padding=1), nn.ReLU()
+        self.conv2, self.act2 = nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()
+        self.conv3, self.act3 = nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act3(self.conv3(self.act2(self.conv2(self.act1(self.conv1(x))))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+SPEC = ModelSpec(name="small_cnn", build=SmallCNN, input_shape=(1, 28, 28), mean=(0.2860,), std=(0.3530,),
+                 class_names=CLASSES)  # fmt: skip
+PLANT = 1000.0
+
+
+def plant(model: SmallCNN) -> SmallCNN:
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.conv2.weight[0] *= PLANT
+        bad.conv2.bias[0] *= PLANT
+        bad.conv3.weight[:, 0] /= PLANT
+    return bad
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, ImageSet]:
+    from tests.tiny_models import read_fashion_mnist
+
+    tr = read_fashion_mnist("train", 2400)
+
+    def part(a: int, b: int, name: str) -> ImageSet:
+        return ImageSet(tr.images[a:b], tr.labels[a:b], CLASSES, name)
+
+    return {"train": part(0, 2000, "fmnist train[:2000]"), "val": part(2000, 2400, "fmnist train[2000:2400]"),
+            "calibration": part(0, 2000, "fmnist train[:2000]").subset(64, seed=1)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(data: dict[str, ImageSet]) -> SmallCNN:
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = SmallCNN()
+    x, y = SPEC.to_tensor(data["train"].images), torch.from_numpy(data["train"].labels).long()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory, trained: SmallCNN, data: dict[str, ImageSet]) -> dict:
+    """The planted model exported and converted once (fp32 + plain int8, SavedModel kept)."""
+    from pipeline.convert.convert_tflite import convert_tflite
+    from pipeline.convert.export_onnx import export_onnx
+
+    tmp = tmp_path_factory.mktemp("planted")
+    model = plant(trained)
+    onnx = export_onnx(model, SPEC, tmp / "model.onnx", check_images=data["val"].images[:8])
+    files = convert_tflite(onnx, SPEC, tmp, precisions=("fp32", "int8"), calibration=data["calibration"],
+                           saved_model_dir=tmp / "saved_model")  # fmt: skip
+    return {"model": model, "onnx": onnx.path, "fp32": files["fp32"].path, "int8": files["int8"].path,
+            "saved_model": tmp / "saved_model", "dir": tmp}  # fmt: skip
+
+
+def _job(planted: dict, data: dict[str, ImageSet], out: Path, **kw):
+    import shutil
+
+    from pipeline.quantize.remedies import RemedyJob
+
+    out.mkdir(parents=True, exist_ok=True)
+    for p in ("fp32", "int8"):
+        shutil.copyfile(planted[p], out / f"model_{p}.tflite")
+    args = dict(model=planted["model"], spec=SPEC, onnx=planted["onnx"], fp32=out / "model_fp32.tflite",
+                int8=out / "model_int8.tflite", saved_model=planted["saved_model"], val=data["val"],
+                calibration=data["calibration"], extra_calibration=data["train"], train=data["train"],
+                min_agreement=1.01, remedies=(), int8_io="int8", full_integer_only=False, max_float_ops=2,
+                qat_steps=40, threads=2, seed=0)  # fmt: skip
+    return RemedyJob(**{**args, **kw})
+
+
+def _agreement(model: nn.Module, tflite: Path, images: ImageSet) -> float:
+    from pipeline.tflite import run_batch
+
+    x = SPEC.to_tensor(images.images)
+    with torch.no_grad():
+        ref = model(x).argmax(1).numpy()
+    out = run_batch(tflite, np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()))
+    return float(np.mean(out.argmax(1) == ref))
+
+
+def test_planting_keeps_float_and_breaks_int8(trained: SmallCNN, planted: dict, data: dict[str, ImageSet]) -> None:
+    x = SPEC.to_tensor(data["val"].images[:64])
+    with torch.no_grad():
+        assert torch.allclose(trained(x), planted["model"](x), atol=1e-3)
+    assert _agreement(planted["model"], planted["int8"], data["val"]) < 0.8
+
+
+def test_error_report_names_the_planted_layer(planted: dict, data: dict[str, ImageSet]) -> None:
+    from pipeline.quantize.operrors import op_errors
+
+    x = SPEC.to_tensor(data["val"].images[:48])
+    report = op_errors(planted["fp32"], planted["int8"], np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()),
+                       model=planted["model"], example=x[:1])  # fmt: skip
+    worst = report.worst(3)
+    assert worst[0].layer == "conv2" and worst[0].op == "CONV_2D", [o.where() for o in worst]
+    assert worst[0].share > 0.5
+    assert worst[0].rel_error > 0.5  # most of conv2's channels are flushed to zero
+    conv1 = next(o for o in report.ops if o.layer == "conv1" and o.op == "CONV_2D")
+    assert conv1.rel_error < 0.1 and conv1.cosine > 0.99 and 0.1 < conv1.error_steps < 1.0  # plain rounding
+    assert math.isclose(sum(o.share for o in report.ops), 1.0, rel_tol=1e-6)
+
+
+def test_equalization_keeps_the_function_and_evens_the_ranges(planted: dict, data: dict[str, ImageSet]) -> None:
+    from pipeline.quantize.equalize import equalize
+
+    x = SPEC.to_tensor(data["val"].images[:64])
+    eq, rec = equalize(planted["model"], x, correct_bias=False)
+    with torch.no_grad():
+        ref, got = planted["model"](x), eq(x)
+    assert float((ref - got).abs().max()) < 1e-3 * max(1.0, float(ref.abs().max()))
+    assert ("conv2", "conv3") in rec.pairs and ("conv1", "conv2") in rec.pairs
+    assert rec.max_range_ratio_before > 300 and rec.max_range_ratio_after < 20
+
+
+def test_bias_correction_cancels_the_mean_shift_of_int8_weights(trained: SmallCNN, data: dict[str, ImageSet]) -> None:
+    from pipeline.quantize.equalize import bias_correct
+    from pipeline.quantize.scheme import fake_quant_weight
+
+    x = SPEC.to_tensor(data["val"].images[:128])
+    m = copy.deepcopy(trained)
+    with torch.no_grad():
+        m.conv1.weight.mul_(1 + 0.02 * torch.randn_like(m.conv1.weight))  # coarser than int8, to see it
+
+    ref = copy.deepcopy(m)
+
+    def shift(model: SmallCNN) -> float:
+        """Mean per-channel output shift of conv1 with int8-rounded weights against the float original."""
+        q = copy.deepcopy(model)
+        with torch.no_grad():
+            q.conv1.weight.copy_(fake_quant_weight(q.conv1.weight))
+            return float((q.conv1(x) - ref.conv1(x)).mean(dim=(0, 2, 3)).abs().mean())
+
+    before = shift(m)
+    assert bias_correct(m, x) == 4
+    assert shift(m) < 0.2 * before
+
+
+def test_weight_fake_quant_matches_the_tflite_file(planted: dict) -> None:
+    """The scheme QAT trains with is the one in the converted file: per-channel symmetric int8 weights."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from pipeline.quantize.scheme import fake_quant_weight
+
+    interp = Interpreter(model_path=str(planted["int8"]))
+    w = planted["model"].conv3.weight.detach()  # [32, 16, 3, 3] -> TFLite OHWI [32, 3, 3, 16]
+    d = next(t for t in interp.get_tensor_details() if tuple(t["shape"]) == (32, 3, 3, 16))
+    scales = d["quantization_parameters"]["scales"]
+    q = interp.get_tensor(d["index"]).astype(np.float32) * scales.reshape(-1, 1, 1, 1)
+    ours = fake_quant_weight(w).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(scales, w.abs().amax(dim=(1, 2, 3)).numpy() / 127, rtol=1e-5)
+    np.testing.assert_allclose(ours, q, atol=1e-6 * float(np.abs(q).max()) + 1e-8)
+
+
+def test_coral_profiles_never_get_float_fallback(planted: dict, data: dict[str, ImageSet], tmp_path: Path) -> None:
+    from pipeline.quantize.remedies import run_remedies
+    from pipeline.stages.convert import full_integer_only
+    from pipeline.targets import TARGETS_DIR, load_target
+
+    edgetpu = [load_target(str(p)) for p in sorted(TARGETS_DIR.glob("*.yaml")) if p.name != "aliases.yaml"]
+    edgetpu = [t for t in edgetpu if t.hardware.accelerator == "edgetpu"]
+    assert edgetpu and all(full_integer_only(t) for t in edgetpu)
+    job = _job(planted, data, tmp_path, full_integer_only=True, remedies=("selective",), max_float_ops=4)
+    before = (tmp_path / "model_int8.tflite").read_bytes()
+    rec = run_remedies(job, tmp_path)
+    assert rec["steps"][1] == {"remedy": "selective", "kept": False,
+                               "skipped": "Edge TPU targets must stay full-integer: no op may stay float"}  # fmt: skip
+    assert (tmp_path / "model_int8.tflite").read_bytes() == before
+    assert rec["float_ops"] == [] and not rec["met"]
+    assert "Edge TPU models must stay full-integer" in rec["advice"] and "conv2" in rec["advice"]
+
+
+def test_profile_rejects_a_remedy_listed_twice_or_unknown(tmp_path: Path) -> None:
+    from pipeline.errors import TargetConfigError
+    from pipeline.targets import TARGETS_DIR, load_target
+
+    for bad in (["qat", "qat"], ["calibration", "magic"]):
+        data = yaml.safe_load((TARGETS_DIR / "host.yaml").read_text())
+        data["quantize"]["remedies"] = bad
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(TargetConfigError, match="remedies"):
+            load_target(str(path))
+
+
+@pytest.mark.slow
+def test_every_remedy_runs_in_order_and_is_measured(planted: dict, data: dict[str, ImageSet], tmp_path: Path) -> None:
+    from pipeline.bench import BenchSettings, profile_local
+    from pipeline.quantize.remedies import REMEDIES, run_remedies
+    from pipeline.tflite import load_interpreter
+
+    quick = BenchSettings(threads=1, warmup=3, runs=20)
+    job = _job(planted, data, tmp_path, remedies=REMEDIES, saved_model=None,
+               timing=lambda p: float(profile_local(p, quick)["latency_ms"]["p50"]))  # fmt: skip
+    plain = _agreement(planted["model"], planted["int8"], data["val"])
+    rec = run_remedies(job, tmp_path)
+    rows = {r["remedy"].split(" (")[0]: r for r in rec["steps"]}
+    assert list(rows) == ["plain PTQ", *REMEDIES]  # unreachable 1.01: every remedy runs, in order
+    assert rows["plain PTQ"]["agreement"] == pytest.approx(plain)
+    assert all(r["agreement"] is not None and r["p50_ms"] > 0 for r in rows.values())
+    assert rows["calibration"]["calibration_images"] == 4 * len(data["calibration"])
+    eq = rows["equalization"]
+    assert eq["kept"] and eq["agreement"] > plain + 0.2 and ["conv2", "conv3"] in eq["pairs"]
+    sel = rows["selective"]
+    assert sel["float_ops"] and sel["tries"] and sel["size_bytes"] > eq["size_bytes"]  # float weights are bigger
+    assert rows["qat"]["steps"] == 40 and rows["qat"]["act_points"] >= 5 and rows["qat"]["size_bytes"] > 0
+    assert not rec["met"] and rec["agreement"] == max(r["agreement"] for r in rows.values())
+    assert rec["op_errors"]["plain"]["worst"][0]["layer"] == "conv2"
+    assert rec["plain_p50_ms"] > 0 and rec["fp32_p50_ms"] > 0
+    shipped = tmp_path / "model_int8.tflite"
+    assert _agreement(planted["model"], shipped, data["val"]) == pytest.approx(rec["agreement"])
+    ops = {o["op_name"] for o in load_interpreter(shipped, threads=1)._get_ops_details()}
+    assert ("DEQUANTIZE" in ops) == rec["shipped"].startswith("selective")
+    assert not (tmp_path / ".quantize").exists()
+
+
+@pytest.mark.slow
+def test_unreachable_min_agreement_exits_3_and_publishes_nothing(trained: SmallCNN, tmp_path: Path) -> None:
+    import json
+
+    from pipeline.data.sources import DataPlan
+    from pipeline.deploy import DeployRequest, deploy
+    from pipeline.errors import BudgetError
+    from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.targets import TARGETS_DIR, load_target
+
+    ckpt = tmp_path / "planted.pt"
+    save_checkpoint(plant(trained), ckpt, meta={"model": SPEC.name})
+    prof = yaml.safe_load((TARGETS_DIR / "host.yaml").read_text())
+    prof.update(name="quanthost", budgets={"max_accuracy_drop": 1.0})
+    prof["pruning"]["enabled"] = False
+    prof["quantize"].update(precisions=["fp32", "int8"], ship="int8", calibration_images=32, min_agreement=1.0,
+                            remedies=["calibration"], remedy_images=200)  # fmt: skip
+    prof["profiling"] = {"threads": 1, "warmup": 2, "runs": 10, "min_seconds": 0.1}
+    (tmp_path / "quanthost.yaml").write_text(yaml.safe_dump(prof))
+    req = DeployRequest(target=load_target(str(tmp_path / "quanthost.yaml")), spec=SPEC, checkpoint=ckpt,
+                        data=DataPlan(SPEC, test_limit=200), runs_dir=tmp_path / "runs",
+                        artifacts_dir=tmp_path / "artifacts")  # fmt: skip
+    with pytest.raises(BudgetError) as err:
+        deploy(req)
+    assert err.value.exit_code == 3
+    msg = str(err.value)
+    assert "int8 agreement (val)" in msg and "holding it back" in msg and "conv2" in msg
+    assert "Nothing was published" in msg and not req.bundle_dir.exists()
+    summary = json.loads((req.run_dir / "summary.json").read_text())
+    q = summary["quantization"]
+    assert not q["met"] and [r["remedy"] for r in q["steps"]] == ["plain PTQ", "calibration"]
+    assert any(b["name"] == "int8 agreement (val)" and b["status"] == "missed" for b in summary["budgets"])
+    report = (req.run_dir / "report.md").read_text()
+    assert "## Quantization (int8 remedies)" in report and "conv2" in report
+
+
+def test_report_shows_a_float_fallbacks_latency_cost() -> None:
+    from pipeline.report.html import _quantization
+    from pipeline.report.quant_figures import markdown_lines, op_error_plot, remedy_rows
+
+    op = {"op_index": 1, "op": "CONV_2D", "layer": "conv2", "how": "weight shape", "error_steps": 0.05,
+          "cosine": 0.99, "rel_error": 0.88, "share": 0.86}  # fmt: skip
+    steps = [{"remedy": "plain PTQ", "agreement": 0.2, "accuracy": 0.1, "size_bytes": 100, "p50_ms": 0.2, "kept": True},
+             {"remedy": "equalization", "skipped": "torch.fx cannot trace the model", "kept": False},
+             {"remedy": "selective (1 float op)", "agreement": 0.95, "accuracy": 0.8, "size_bytes": 300, "p50_ms": 0.3,
+              "kept": True, "float_ops": ["op 1 CONV_2D (PyTorch `conv2`)"]}]  # fmt: skip
+    q = {"min_agreement": 0.99, "met": False, "val_images": 400, "data": "val", "agreement": 0.95, "accuracy": 0.8,
+         "shipped": "selective (1 float op)", "float_ops": steps[2]["float_ops"], "size_bytes": 300, "p50_ms": 0.3,
+         "plain_p50_ms": 0.2, "fp32_p50_ms": 0.25, "steps": steps, "op_errors": {"plain": {"worst": [op]}},
+         "holding_back": ["op 1 CONV_2D (PyTorch `conv2`)"], "advice": "The ops holding it back: conv2."}  # fmt: skip
+    s = {"quantization": q}
+    rows = remedy_rows(s)
+    assert rows[2]["vs_plain"] == pytest.approx(1.5) and rows[1]["status"].startswith("skipped: torch.fx")
+    md = "\n".join(markdown_lines(s))
+    assert "| selective (1 float op) | 0.9500 | 0.8000 | 300 B | 0.300 ms | 1.50x | kept |" in md
+    assert "Kept in float" in md and "| #1 CONV_2D | conv2 |" in md and "holding it back" in md
+    html = _quantization(s)
+    assert "1.50x" in html and "conv2" in html and "missed" in html
+    assert op_error_plot(s)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert markdown_lines({}) == [] and _quantization({}) == ""
