@@ -110,7 +110,7 @@ def _at_latency(methods: Methods, method: str, level: float, full_ms: float, spe
             best = (result, ratio)
         if abs(ratio / level - 1) <= 0.04:
             break
-        keep = min(1.0, keep * (level / ratio) ** 0.8)  # latency ~ MACs, damped
+        keep = min(0.98, max(0.05, keep * (level / ratio) ** 0.8))  # latency ~ MACs, damped; always pruned
     assert best is not None
     return best[0], tried
 
