@@ -46,7 +46,29 @@ def _efficientnet_lite0() -> ModelSpec:
     )
 
 
-BUILTIN: dict[str, Callable[[], ModelSpec]] = {"fmnist_cnn": _fmnist_cnn, "efficientnet_lite0": _efficientnet_lite0}
+def _fashion_mnist_rgb64(name: str, build: Callable[[], nn.Module]) -> ModelSpec:
+    """A bench model on Fashion-MNIST resized to 64x64 and replicated to 3 channels (pipeline.baseline.fit_images):
+    the grey statistics of Fashion-MNIST on every channel."""
+    from pipeline.data.fashion_mnist import CLASS_NAMES
+
+    return ModelSpec(name=name, build=build, input_shape=(3, 64, 64), mean=(0.2860,) * 3, std=(0.3530,) * 3,
+                     class_names=CLASS_NAMES, default_checkpoint=f"models/{name}.pt")  # fmt: skip
+
+
+def _resnet_fm() -> ModelSpec:
+    from pipeline.models.resnet_fm import build
+
+    return _fashion_mnist_rgb64("resnet_fm", build)
+
+
+def _mobilenetv2_fm() -> ModelSpec:
+    from pipeline.models.mobilenetv2_fm import build
+
+    return _fashion_mnist_rgb64("mobilenetv2_fm", build)
+
+
+BUILTIN: dict[str, Callable[[], ModelSpec]] = {"fmnist_cnn": _fmnist_cnn, "efficientnet_lite0": _efficientnet_lite0,
+                                               "resnet_fm": _resnet_fm, "mobilenetv2_fm": _mobilenetv2_fm}  # fmt: skip
 
 
 def get_model_spec(name: str) -> ModelSpec:
