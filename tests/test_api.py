@@ -35,7 +35,7 @@ TINY = {
     "budgets.max_accuracy_drop": 1.0, "budgets.latency_ms": None, "budgets.max_size_kb": None,
     "pruning.allocation": "uniform", "pruning.channel_multiple": 4,
     "finetune.epochs": 1, "finetune.max_train_images": 256, "finetune.batch_size": 64, "finetune.min_steps": 20,
-    "quantize.precisions": ["fp32", "int8"], "quantize.calibration_images": 32,
+    "quantize.precisions": ["fp32", "int8"], "quantize.calibration_images": 32, "quantize.min_agreement": 0.9,
     "profiling.threads": 1, "profiling.warmup": 2, "profiling.runs": 10, "profiling.min_seconds": 0.2,
 }  # fmt: skip
 TINY_SET = [f"{k}={'' if v is None else '[fp32, int8]' if isinstance(v, list) else v}" for k, v in TINY.items()]
@@ -394,7 +394,8 @@ def test_the_result_has_typed_figures(deployed: dict) -> None:
     assert r.figures["int8"].accuracy == s["variants"]["int8"]["accuracy"]
     assert r.baseline.latency_p50_ms == s["baseline"]["tflite"]["latency_ms"]["p50"] > 0
     assert r.macs == (s["baseline"]["macs"], s["pruned"]["macs"]) and r.params[1] < r.params[0]
-    assert [b.name for b in r.budgets] == ["accuracy drop"] and r.budgets[0].status == "met"
+    assert [b.name for b in r.budgets] == ["accuracy drop", "int8 agreement (val)"]
+    assert all(b.status == "met" for b in r.budgets)
     assert "local" in r.measured_on
     table = r.table()
     assert table.splitlines()[0].split() == ["variant", "size", "B", "accuracy", "agreement", "p50", "ms", "p99", "ms"]

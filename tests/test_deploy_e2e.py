@@ -63,6 +63,9 @@ def _profile(tmp: Path, **budgets: float | None) -> Path:
     data["pruning"]["channel_multiple"] = 4
     data["finetune"] = {"epochs": 1, "max_train_images": 2048, "batch_size": 64, "lr": 0.003}
     data["quantize"]["calibration_images"] = 64
+    # this tiny net's int8 file agrees ~0.987 with PyTorch even after the remedies (tests/test_quantize.py
+    # covers them); the chain is what is tested here, so plain PTQ is enough
+    data["quantize"]["min_agreement"] = 0.95
     data["profiling"] = {"threads": 1, "warmup": 3, "runs": 30, "min_seconds": 0.2}  # ~4000 runs: a steady p50
     path = tmp / "tinyhost.yaml"
     path.write_text(yaml.safe_dump(data))

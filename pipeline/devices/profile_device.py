@@ -38,7 +38,7 @@ import json, platform, sys
 r = {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system(),
      "release": platform.release(), "node": platform.node(), "errors": {}}
 import os
-r["cores"], cpu = os.cpu_count(), {}
+r["cores"], cpu = getattr(os, "cpu_count", lambda: None)(), {}  # Python 2.7 has none: refused below
 try:  # the CPU for the latency-table fingerprint: x86 "model name"; ARM "Model"/"Hardware" + core parts
     for line in open("/proc/cpuinfo"):
         k, _, v = line.partition(":")

@@ -282,9 +282,11 @@ def _latency_model(s: Mapping[str, Any]) -> str:
     row = (ms(lm.get("budget_ms")), ms(lm.get("predicted_ms")), ms(lm.get("measured_ms")),
            f"{lm['error_pct']:+.1f}%" if num(lm.get("error_pct")) is not None else NOT_MEASURED)  # fmt: skip
     where = (lm.get("table") or {}).get("where")
-    return "<h2>Latency-aware pruning</h2>" + table(
-        ["budget", "predicted", "measured", "prediction error"], [row], numeric=(0, 1, 2, 3)
-    ) + (f'<p class="muted">The {esc(where)}.</p>' if where else "")
+    return (
+        "<h2>Latency-aware pruning</h2>"
+        + table(["budget", "predicted", "measured", "prediction error"], [row], numeric=(0, 1, 2, 3))
+        + (f'<p class="muted">The {esc(where)}.</p>' if where else "")
+    )
 
 
 def _op_profile(s: Mapping[str, Any]) -> str:
