@@ -210,6 +210,7 @@ def test_the_real_report_renders_in_chromium_with_its_figures(workspace: dict, t
         "latency distribution",
         "channels per layer",
         "sensitivity per layer",
+        "worst int8 ops",
     ]
     assert all(i["complete"] and i["w"] > 100 and i["h"] > 50 for i in images), images
     assert "energy per inference: not measured." in text  # host.yaml: power.kind none, no idle_w/active_w
