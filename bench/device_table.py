@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     section = render(rows, build_s, n, args, command)
     print(section)
     if not args.no_write:
-        from bench.latency_pruning import _write_section
+        from bench.sections import write_section
 
-        _write_section(args.out, HEADING, section)
+        write_section(args.out, HEADING, section)
     return 0
 
 

@@ -18,12 +18,13 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
 import tempfile
 from pathlib import Path
+
+from bench.sections import write_section
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Fine-tuning throughput on this machine's CPUs (DDP)"
@@ -73,17 +74,6 @@ def measure(nproc: int, steps: int, batch: int, threads: int) -> dict:
         return json.loads(out.read_text())
 
 
-def _write_section(path: Path, section: str) -> None:
-    from pipeline.artifacts import write_text_atomic
-
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}.*?\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    )
-    write_text_atomic(path, text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60, help="global steps per run")
@@ -125,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     print("\n".join(rows))
     if not args.no_write:
-        _write_section(args.out, "\n".join(body))
+        write_section(args.out, SECTION, "\n".join(body))
     return 0
 
 

@@ -21,12 +21,13 @@ import importlib
 import json
 import os
 import platform
-import re
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.sections import write_section
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Fine-tuning on GPUs (ResNet-style bench model, 224x224, AMP)"
@@ -112,17 +113,6 @@ def measure(args: argparse.Namespace, nproc: int, *, cpu: bool = False) -> dict:
         return json.loads(out.read_text())["measured"]
 
 
-def _write_section(path: Path, section: str) -> None:
-    from pipeline.artifacts import write_text_atomic
-
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}.*?\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    )
-    write_text_atomic(path, text)
-
-
 def _rows(gpu: dict[int, dict], cpu: dict | None) -> list[str]:
     rows = ["| run | device | images/s | vs 1 GPU | vs CPU |", "|---|---|---|---|---|"]
     one = gpu.get(1, {}).get("images_per_s")
@@ -178,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"model {args.model} at {args.size}x{args.size}, AMP {args.amp}.", "", *rows]  # fmt: skip
         print("\n".join(rows))
     if not args.no_write:
-        _write_section(args.out, "\n".join(body))
+        write_section(args.out, SECTION, "\n".join(body))
     return 0
 
 

@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import random
-import re
 import shlex
 import statistics
 import sys
@@ -36,7 +35,8 @@ from typing import Any
 
 import torch
 
-from pipeline.artifacts import write_json_atomic, write_text_atomic
+from bench.sections import write_section
+from pipeline.artifacts import write_json_atomic
 from pipeline.bench import BenchSettings, profile_local
 from pipeline.data.sources import DataPlan
 from pipeline.deploy import REPO
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         *err_rows,
         "",
     ]
-    _write_section(args.out, f"{SECTION} ({r['model']}, {r['precision']}", "\n".join(body))
+    write_section(args.out, f"{SECTION} ({r['model']}, {r['precision']}", "\n".join(body))
     return 0
 
 
@@ -388,15 +388,6 @@ def _data_words(args: argparse.Namespace) -> tuple[str, str]:
         f"the train split of {args.data.name} (made by `python -m pipeline.make_photo_set {args.data}`)",
         "its held-out photos, labelled by the unpruned model: top-1 agreement with it, not ImageNet accuracy",
     )
-
-
-def _write_section(path: Path, heading: str, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(heading)}.*?\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    )
-    write_text_atomic(path, text)
 
 
 if __name__ == "__main__":

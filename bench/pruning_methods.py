@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from bench.latency_pruning import _convert, _measure_all, _tflite_accuracy, _write_section
+from bench.latency_pruning import _convert, _measure_all, _tflite_accuracy
+from bench.sections import write_section
 from pipeline.artifacts import write_json_atomic
 from pipeline.bench import BenchSettings, profile_local
 from pipeline.data.sources import DataPlan
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             f"per-pass p50s). Same fine-tune for every method: {r['finetune_steps']} distillation steps, early "
             "stopping on the validation split; accuracy of the converted .tflite on the test split.", "", *rows, "",
             "Reading: " + "; ".join(notes) + ".", ""]  # fmt: skip
-    _write_section(args.out, SECTION, "\n".join(body))
+    write_section(args.out, SECTION, "\n".join(body))
     return 0
 
 

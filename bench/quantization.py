@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.latency_pruning import _write_section
+from bench.sections import write_section
 from pipeline.bench import BenchSettings, profile_local
 from pipeline.data.imageset import ImageSet
 from pipeline.deploy import REPO
@@ -232,7 +232,7 @@ def _report(results: list[dict[str, Any]], args: argparse.Namespace, argv: list[
             "float, so its column skips `selective`):", "", *_goals(results), ""]  # fmt: skip
     print("\n".join(body), flush=True)
     if not args.no_write:
-        _write_section(args.out, SECTION, "\n".join(body))
+        write_section(args.out, SECTION, "\n".join(body))
 
 
 def main(argv: list[str] | None = None) -> int:

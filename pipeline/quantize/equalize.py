@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.models.hooks import run_hooked
 from pipeline.quantize.scheme import fake_quant_weight
 
 log = logging.getLogger(__name__)
@@ -131,13 +132,8 @@ def bias_correct(model: nn.Module, images: torch.Tensor) -> int:
     `images` (float inputs). Returns the number of layers corrected (a bias is added where there was none)."""
     mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     inputs: dict[nn.Module, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.__setitem__(m, a[0].detach())) for m in mods]
-    try:
-        with torch.no_grad():
-            model.eval()(images)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, images, [m.register_forward_pre_hook(lambda m, a: inputs.__setitem__(m, a[0].detach()))
+                               for m in mods])  # fmt: skip
     with torch.no_grad():
         for m in mods:
             x = inputs.get(m)

@@ -112,15 +112,9 @@ class PruneStage(Stage[PruneOutcome]):
 
             method = "global" if p.global_pruning else "uniform"
             return prune_to_target(model, ctx.example(), p, batches=val), None, {"method": method}
-        from pipeline.bench import bench_settings, profile_local
-        from pipeline.latency.table import LatencyTable
         from pipeline.pruning.latency import prune_to_latency
 
-        base_tflite = ctx.get(CONVERT_BASELINE).tflite(t.quantize.plan_precision)
-        table = LatencyTable.load(ctx.get(LATENCY_TABLE).table_path)
-        measured = (
-            table.measured_full_ms or profile_local(base_tflite, bench_settings(t, on_host=True))["latency_ms"]["p50"]
-        )  # the unpruned model on the table's own device
+        table, measured = _table(ctx)
         sens = ctx.get(SENSITIVITY).curves() if ctx.has(SENSITIVITY) else None
         lp = prune_to_latency(model, ctx.example(), table, p, budget_ms=t.budgets.latency_ms,
                               measured_full_ms=measured, sensitivity=sens)  # fmt: skip
@@ -173,21 +167,30 @@ def _search(ctx: Context, model: Any, val: list[Any], bn: list[Any]) -> tuple[An
     return result, {"method": method, "search": found.figures(), "val_images_scored": sum(len(b[0]) for b in scored)}
 
 
-def _predictor(ctx: Context, model: Any) -> Any:
-    """pruned model -> its latency predicted by the target's table (`search.rank: latency`)."""
+def _table(ctx: Context) -> tuple[Any, float]:
+    """The target's latency table, and the unpruned model's p50 on the table's own device (timed on this host
+    when the table was measured here without one)."""
     from pipeline.bench import bench_settings, profile_local
-    from pipeline.latency.layers import prunable_layers
     from pipeline.latency.table import LatencyTable
-    from pipeline.pruning.channels import ignored_layers, prunable_groups
 
-    t, p, ex = ctx.target, ctx.target.pruning, ctx.example()
+    t = ctx.target
     table = LatencyTable.load(ctx.get(LATENCY_TABLE).table_path)
-    layers = prunable_layers(model, ex, ignored=ignored_layers(model, ex, p.keep_layers))
-    groups = prunable_groups(model, ex, keep_layers=p.keep_layers)
     measured = table.measured_full_ms
     if measured is None:
         base_tflite = ctx.get(CONVERT_BASELINE).tflite(t.quantize.plan_precision)
         measured = profile_local(base_tflite, bench_settings(t, on_host=True))["latency_ms"]["p50"]
+    return table, measured
+
+
+def _predictor(ctx: Context, model: Any) -> Any:
+    """pruned model -> its latency predicted by the target's table (`search.rank: latency`)."""
+    from pipeline.latency.layers import prunable_layers
+    from pipeline.pruning.channels import ignored_layers, prunable_groups
+
+    p, ex = ctx.target.pruning, ctx.example()
+    table, measured = _table(ctx)
+    layers = prunable_layers(model, ex, ignored=ignored_layers(model, ex, p.keep_layers))
+    groups = prunable_groups(model, ex, keep_layers=p.keep_layers)
     calibrated = table.calibrated(layers, groups, measured)
     return lambda pruned: calibrated.predict(layers, prunable_groups(pruned, ex, keep_layers=p.keep_layers))
 
