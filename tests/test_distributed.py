@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -126,6 +127,40 @@ def _main_chain(runs: str) -> int:
     return 0
 
 
+# the accuracy search under torchrun: sensitivity dealt out to both ranks, every trial distilled on both
+SEARCH_OVERRIDES = ("pruning.allocation=sensitivity", "pruning.target.metric=accuracy", "pruning.target.keep=null",
+                    "budgets.max_accuracy_drop=0.03", "pruning.search.trials=2", "pruning.search.finetune_steps=6",
+                    "pruning.search.images=200", "pruning.sensitivity.images=100", "pruning.sensitivity.levels=[0.5]",
+                    "finetune.batch_size=64", "finetune.max_train_images=2000", "finetune.workers=0",
+                    "finetune.device=cpu")  # fmt: skip
+
+
+def _search_request(runs: str | Path) -> Any:
+    from pipeline.api import build_request
+
+    return build_request("fmnist_cnn", "host", overrides=SEARCH_OVERRIDES, test_images=200, runs_dir=runs)
+
+
+def _search_chain(req: Any, stage_names: tuple[str, ...]) -> Any:
+    from pipeline.deploy import run_chain
+    from pipeline.stages import CHAIN, Context
+
+    ctx = Context(req, REPO / req.spec.default_checkpoint)
+    run_chain(ctx, lambda name, rec: None, tuple(s for s in CHAIN if s.name in stage_names))
+    return ctx
+
+
+def _main_search(runs: str) -> int:
+    """torchrun rank: baseline -> sensitivity -> prune (the accuracy search) of the real chain."""
+    from pipeline.train.ddp import distributed_deploy
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline.train.ddp").setLevel(logging.INFO)
+    req = _search_request(runs)
+    distributed_deploy(req, lambda: _search_chain(req, ("baseline", "sensitivity", "prune")))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ the tests
 
 
@@ -160,6 +195,37 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
             a, b = _val_accuracy(twin.eval()), _val_accuracy(single.model)
             assert abs(a - b) <= 0.05, (a, b)
             assert worst > 0  # BatchNorm statistics of half batches: close, not bit-equal
+
+
+@pytest.mark.slow
+def test_sensitivity_and_search_trials_run_on_both_ranks(tmp_path: Path) -> None:
+    """Under torchrun the sensitivity measurements are dealt out to both ranks and gathered (the same curves
+    as one process measures), and every search trial's distillation is a job both ranks train."""
+    from tests.tiny_models import has_fashion_mnist
+
+    if not has_fashion_mnist():
+        pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+    run = _torchrun(["search", str(tmp_path / "ddp")], timeout=900)
+    assert run.rc == 0, run.stdout[-3000:]
+    assert run.stdout.count("rank 1: sensitivity job received") == 1, run.stdout[-3000:]
+    prune = json.loads((tmp_path / "ddp" / "host" / "prune" / "manifest.json").read_text())
+    trials = prune["figures"]["allocation"]["search"]["trials"]
+    distilled = run.stdout.count("rank 1: fine-tuning job received")
+    assert len(trials) >= 1 and distilled == len(trials), (distilled, trials)
+    ddp = json.loads((tmp_path / "ddp" / "host" / "sensitivity" / "sensitivity.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank
+    try:
+        ctx = _search_chain(_search_request(tmp_path / "one"), ("baseline", "sensitivity"))
+    finally:
+        torch.set_num_threads(threads)
+    one = json.loads((ctx.results["sensitivity"].folder / "sensitivity.json").read_text())
+    assert ddp["groups"].keys() == one["groups"].keys() and len(one["groups"]) >= 2
+    for g, entry in one["groups"].items():
+        mine = ddp["groups"][g]["levels"]
+        assert [r["keep"] for r in mine] == [r["keep"] for r in entry["levels"]]
+        for a, b in zip(mine, entry["levels"], strict=True):
+            assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["accuracy"] - b["accuracy"]) < 1e-9, (g, a, b)
 
 
 def _launch(runs: Path, box: list) -> None:
@@ -314,3 +380,5 @@ if __name__ == "__main__":
             _main_match(sys.argv[2])
         case "chain":
             sys.exit(_main_chain(sys.argv[2]))
+        case "search":
+            sys.exit(_main_search(sys.argv[2]))

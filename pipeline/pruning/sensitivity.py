@@ -56,9 +56,12 @@ def measure_sensitivity(
     val: Sequence[Batch],
     bn: Sequence[Batch],
     progress: Callable[[int, int], None] | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
     """Per prunable group: channels, and for each level the kept channels, validation loss and accuracy, and
-    the MACs and parameters of the model with only that group pruned (BatchNorm re-estimated on `bn`)."""
+    the MACs and parameters of the model with only that group pruned (BatchNorm re-estimated on `bn`).
+    `part` (i, n): only every n-th (group, level) measurement from the i-th (one rank's share; `merge_parts`
+    puts the shares back together)."""
     model = model.eval()
     reference = model if val and val[0][1] is None else None
     base_loss, base_acc = evaluate(model, val, reference=reference)
@@ -66,11 +69,14 @@ def measure_sensitivity(
     groups = prunable_groups(model, example, keep_layers=cfg.keep_layers)
     todo = {g: level_counts(n, cfg.sensitivity.levels, multiple=cfg.channel_multiple, max_ratio=cfg.max_layer_ratio)
             for g, n in groups.items()}  # fmt: skip
-    total, done = sum(len(v) for v in todo.values()), 0
+    total, done, index = sum(len(v) for v in todo.values()), 0, -1
     out: dict[str, Any] = {}
     for g, counts in todo.items():
         rows = []
         for keep in counts:
+            index += 1
+            if index % part[1] != part[0]:
+                continue
             pruned = prune_to_plan(model, example, {g: keep}, importance=cfg.importance,
                                    keep_layers=cfg.keep_layers, batches=val, groups=groups)  # fmt: skip
             if cfg.recalibrate_bn:
@@ -85,6 +91,17 @@ def measure_sensitivity(
         out[g] = {"channels": groups[g], "levels": rows}
     return {"base": {"loss": round(base_loss, 6), "accuracy": round(base_acc, 6), "macs": macs0, "params": params0},
             "groups": out, "val_images": sum(len(b[0]) for b in val)}  # fmt: skip
+
+
+def merge_parts(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The sensitivity of the whole model from every share `measure_sensitivity(part=...)` measured: each
+    group's levels from all of them, widest first (the order one process measures them in)."""
+    first = parts[0]
+    groups = {}
+    for g, entry in first["groups"].items():
+        rows = [row for part in parts for row in part["groups"][g]["levels"]]
+        groups[g] = {"channels": entry["channels"], "levels": sorted(rows, key=lambda r: -r["keep"])}
+    return {"base": first["base"], "groups": groups, "val_images": first["val_images"]}
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,15 @@ class Context:
     def has(self, stage: Stage[Any]) -> bool:
         return stage.name in self.results
 
+    def decision_device(self) -> torch.device:
+        """Where the pruning decisions are evaluated (sensitivity, search trials, BatchNorm re-estimation): the
+        fine-tuning device (`finetune.device`, `--device`), this rank's GPU under DDP."""
+        from pipeline.train.ddp import current_world
+        from pipeline.train.device import resolve_device
+
+        ft = self.target.finetune
+        return resolve_device(ft.device, ft.amp, local_rank=current_world().local_rank).device
+
     def example(self) -> torch.Tensor:
         import torch
 

@@ -77,6 +77,12 @@ class PruneStage(Stage[PruneOutcome]):
                 **extra}  # fmt: skip
 
     def run(self, ctx: Context, out: Path) -> PruneOutcome:
+        from pipeline.pruning.calibrate import decisions_on
+
+        with decisions_on(ctx.decision_device()):  # every evaluation on the fine-tuning device
+            return self._run(ctx, out)
+
+    def _run(self, ctx: Context, out: Path) -> PruneOutcome:
         from pipeline.pruning.calibrate import evaluate, recalibrate_bn
 
         model = ctx.load(ctx.get(BASELINE).model_path)
@@ -123,18 +129,30 @@ class PruneStage(Stage[PruneOutcome]):
 
 
 def _distiller(ctx: Context, teacher: Any) -> Any:
-    """(student, steps) -> the student distilled from `teacher` for that many steps (trials, iterative steps)."""
+    """(student, steps) -> the student distilled from `teacher` for that many steps (trials, iterative steps);
+    under torchrun every rank trains its share (a `finetune` job, pipeline/train/ddp.py)."""
     import math
 
+    from pipeline.train.ddp import checkpoint_bytes, collective_error, current_session, make_job
     from pipeline.train.distill import finetune_kd
 
     cfg, train = ctx.target.finetune, ctx.data.train_stream  # streamed: nothing decoded up front
     n = min(len(train), cfg.max_train_images or len(train))
+    session, teacher_blob = current_session(), None
 
     def distill(student: Any, steps: int) -> Any:
+        nonlocal teacher_blob
         short = cfg.model_copy(update={"epochs": 1.0 / max(1, math.ceil(n / cfg.batch_size)), "min_steps": steps,
                                        "early_stopping": False})  # fmt: skip
-        return finetune_kd(student, teacher, ctx.spec, train, short, seed=ctx.req.seed).model
+        if session is None:
+            return finetune_kd(student, teacher, ctx.spec, train, short, seed=ctx.req.seed).model
+        teacher_blob = teacher_blob or checkpoint_bytes(teacher)
+        session.send(make_job(checkpoint_bytes(student), teacher_blob, short, seed=ctx.req.seed,
+                              data=ctx.data.fingerprints()["train"]))  # fmt: skip
+        try:
+            return finetune_kd(student, teacher, ctx.spec, train, short, seed=ctx.req.seed, world=session.world).model
+        except RuntimeError as exc:  # torch.distributed's errors are RuntimeErrors
+            raise collective_error(exc, session.world) from exc
 
     return distill
 

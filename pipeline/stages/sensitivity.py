@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.stages.base import Context, Stage
 from pipeline.stages.baseline import BASELINE
+from pipeline.train.ddp import register
 
 BN_IMAGES = 200  # training images BatchNorm statistics are re-estimated on
 
@@ -65,15 +66,58 @@ class SensitivityStage(Stage[SensitivityResult]):
                 "seed": ctx.req.seed}  # fmt: skip
 
     def run(self, ctx: Context, out: Path) -> SensitivityResult:
-        from pipeline.pruning.sensitivity import measure_sensitivity
+        from pipeline.artifacts import write_json_atomic
+        from pipeline.pruning.calibrate import decisions_on
+        from pipeline.train.ddp import checkpoint_bytes, current_session
 
         val, bn = decision_batches(ctx)
         model = ctx.load(ctx.get(BASELINE).model_path)
-        sens = measure_sensitivity(model, ctx.example(), ctx.target.pruning, val=val, bn=bn)
-        from pipeline.artifacts import write_json_atomic
-
+        session = current_session()
+        if session is not None:  # every rank measures its share (`_serve` below)
+            session.send({"kind": "sensitivity", "module": __name__, "model": checkpoint_bytes(model),
+                          "val": _digest(val, bn), "pruning": ctx.target.pruning})  # fmt: skip
+        with decisions_on(ctx.decision_device()):
+            sens = _measure(model, ctx, ctx.target.pruning, val, bn, session)
         write_json_atomic(out / "sensitivity.json", sens)
         return SensitivityResult(out, sens["base"], sens["groups"], sens["val_images"])
 
 
+def _measure(model: Any, ctx: Context, cfg: Any, val: list[Any], bn: list[Any], session: Any) -> dict[str, Any]:
+    """The sensitivity curves, alone or, under torchrun, this rank's share gathered with the others'."""
+    from pipeline.pruning.sensitivity import measure_sensitivity, merge_parts
+    from pipeline.train.ddp import gather
+
+    if session is None:
+        return measure_sensitivity(model, ctx.example(), cfg, val=val, bn=bn)
+    w = session.world
+    mine = measure_sensitivity(model, ctx.example(), cfg, val=val, bn=bn, part=(w.rank, w.size))
+    return merge_parts(gather(session, mine))
+
+
+def _digest(val: list[Any], bn: list[Any]) -> str:
+    """A fingerprint of the decision batches (every rank must measure on the same images)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for x, y in (*val, *bn):
+        h.update(x.numpy().tobytes())
+        h.update(b"" if y is None else y.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _serve(job: dict[str, Any], req: Any, session: Any) -> None:
+    """A rank other than 0: its share of the sensitivity measurements, sent back to everyone."""
+    from pipeline.pruning.calibrate import decisions_on
+    from pipeline.train.ddp import DistributedError, load_bytes
+
+    ctx = Context(req, Path(req.spec.default_checkpoint or "."))
+    val, bn = decision_batches(ctx)
+    if _digest(val, bn) != job["val"]:
+        raise DistributedError(f"rank {session.world.rank}: its validation images are not rank 0's; give every "
+                               "node the same --data and --seed")  # fmt: skip
+    with decisions_on(ctx.decision_device()):
+        _measure(load_bytes(job["model"], req).eval(), ctx, job["pruning"], val, bn, session)
+
+
+register("sensitivity", _serve)
 SENSITIVITY = SensitivityStage()

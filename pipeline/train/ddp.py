@@ -5,21 +5,25 @@
 finds RANK/WORLD_SIZE in its environment (pipeline/train/world.py), joins the process group (env://: gloo on
 CPU, NCCL on GPUs) and then:
 
-- rank 0 runs the deploy as usual: every stage, the cache, the run lock, the outputs; when the finetune
-  stage runs it sends the job (the pruned and the unpruned checkpoint, the settings, the training data's
-  fingerprint) to the other ranks over a gloo control group and trains as one of them;
+- rank 0 runs the deploy as usual: every stage, the cache, the run lock, the outputs. Where a stage has
+  work for every rank it sends a job over a gloo control group and does its own share:
+  - `finetune`: the fine-tune stage, every search trial's and every iterative step's short distillation
+    (the student and the teacher, the settings, the training data's fingerprint); each rank trains its
+    DistributedSampler share;
+  - `sensitivity`: the sensitivity stage's (group, level) measurements, dealt out round-robin and gathered
+    back (pipeline/stages/sensitivity.py registers it);
 - every other rank builds the same request from the same arguments (so the same data plan, its own reads of
-  the same files on its node), waits for jobs, trains its DistributedSampler share, writes nothing, and
-  returns when rank 0 says the deploy is over.
+  the same files on its node), waits for jobs, does its share, writes nothing, and returns when rank 0 says
+  the deploy is over.
 
 A rank that dies ends the job: torchrun stops the others and names the rank (pipeline/train/launch.py turns
 that into edgeship's error); the stage that was running leaves no output, so a rerun resumes there.
-Sensitivity and search trials still run on rank 0 alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import tempfile
@@ -28,6 +32,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.train.world import World, world_from_env
@@ -162,23 +169,74 @@ def _release(session: Session) -> None:
         session.send(None)
 
 
+Handler = Callable[[dict[str, Any], "DeployRequest", Session], Any]
+HANDLERS: dict[str, Handler] = {}  # job kind -> what a rank other than 0 does with it (see `register`)
+_WORDS = {"finetune": "fine-tuning"}
+
+
+def register(kind: str, handler: Handler) -> None:
+    """Let rank 0 send jobs of `kind` (a stage registers its own where it has work for every rank; its jobs
+    name that module as "module", for ranks that have not imported it yet)."""
+    HANDLERS[kind] = handler
+
+
 def serve(session: Session, req: DeployRequest) -> None:
-    """A rank other than 0: fine-tune each job rank 0 sends, until it sends None."""
+    """A rank other than 0: do its share of each job rank 0 sends, until it sends None."""
     while (job := session.receive()) is not None:
-        log.info("rank %d: fine-tuning job received", session.world.rank)
-        train_job(job, req, session.world)
+        kind = job.get("kind", "finetune")
+        log.info("rank %d: %s job received", session.world.rank, _WORDS.get(kind, kind))
+        module = job.get("module", "")
+        if kind not in HANDLERS and module.startswith("pipeline."):  # the module that registers the kind
+            importlib.import_module(module)
+        if kind not in HANDLERS:
+            raise DistributedError(f"rank {session.world.rank}: a {kind!r} job, which this rank does not know; "
+                                   "every node must run the same edgeship")  # fmt: skip
+        HANDLERS[kind](job, req, session)
 
 
-def make_job(student: Path, teacher: Path, cfg: Any, *, seed: int, data: dict[str, Any]) -> dict[str, Any]:
+def gather(session: Session, mine: Any) -> list[Any]:
+    """Every rank's `mine`, in rank order, on every rank (over the control group)."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * session.world.size
+    try:
+        dist.all_gather_object(out, mine, group=session.control)
+    except RuntimeError as exc:
+        raise collective_error(exc, session.world) from exc
+    return out
+
+
+def checkpoint_bytes(model: nn.Module, meta: dict[str, Any] | None = None) -> bytes:
+    """`model` as the checkpoint file edgeship writes, in memory (for a job: nodes need not share a disk)."""
+    from pipeline.models.checkpoint import save_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="edgeship-job-") as tmp:
+        path = Path(tmp) / "model.pt"
+        save_checkpoint(model, path, meta=meta or {})
+        return path.read_bytes()
+
+
+def load_bytes(blob: bytes, req: DeployRequest) -> nn.Module:
+    """A checkpoint sent in a job, built as the request's model."""
+    from pipeline.models.checkpoint import load_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="edgeship-rank-") as tmp:
+        path = Path(tmp) / "model.pt"
+        path.write_bytes(blob)
+        return load_checkpoint(path, req.spec.build())[0]
+
+
+def make_job(student: Path | bytes, teacher: Path | bytes, cfg: Any, *, seed: int, data: dict[str, Any]
+             ) -> dict[str, Any]:  # fmt: skip
     """What every rank needs to fine-tune: both checkpoints' bytes (nodes need not share a disk), the
     settings, the seed and the training data's fingerprint (to refuse ranks that see other data)."""
-    return {"student": student.read_bytes(), "teacher": teacher.read_bytes(), "cfg": cfg.model_dump(mode="json"),
+    blobs = [m.read_bytes() if isinstance(m, Path) else m for m in (student, teacher)]
+    return {"kind": "finetune", "student": blobs[0], "teacher": blobs[1], "cfg": cfg.model_dump(mode="json"),
             "seed": seed, "data": data}  # fmt: skip
 
 
 def train_job(job: dict[str, Any], req: DeployRequest, world: World) -> Any:
     """Fine-tune this rank's share of `job` (no validation, no outputs: rank 0 keeps and writes the model)."""
-    from pipeline.models.checkpoint import load_checkpoint
     from pipeline.targets import Finetune
     from pipeline.train.distill import finetune_kd
 
@@ -186,12 +244,7 @@ def train_job(job: dict[str, Any], req: DeployRequest, world: World) -> Any:
     if mine != job["data"]:
         raise DistributedError(f"rank {world.rank}: its training data is not rank 0's (rank 0: {job['data']}; "
                                f"rank {world.rank}: {mine}); give every node the same --data")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="edgeship-rank-") as tmp:
-        models = []
-        for name in ("student", "teacher"):
-            path = Path(tmp) / f"{name}.pt"
-            path.write_bytes(job[name])
-            models.append(load_checkpoint(path, req.spec.build())[0])
+    models = [load_bytes(job[name], req) for name in ("student", "teacher")]
     return finetune_kd(models[0], models[1], req.spec, req.data.train_stream, Finetune(**job["cfg"]),
                        seed=job["seed"], world=world)  # fmt: skip
 
@@ -203,3 +256,6 @@ def collective_error(exc: BaseException, world: World) -> DistributedError:
         f"fine-tuning on {world.size} processes: a collective failed on rank {world.rank} ({first}): another rank "
         "stopped; torchrun's summary names it. Finished stages are kept: run the same command again to resume"
     )
+
+
+register("finetune", lambda job, req, session: train_job(job, req, session.world))
