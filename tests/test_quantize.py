@@ -160,6 +160,48 @@ def test_equalization_keeps_the_function_and_evens_the_ranges(planted: dict, dat
     assert rec.max_range_ratio_before > 300 and rec.max_range_ratio_after < 20
 
 
+class ScaledBranches(nn.Module):
+    """Two conv branches concatenated along channels, one of them scaled 30x after its ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 6, 1)
+        self.mix = nn.Conv2d(14, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        y = torch.cat([torch.relu(self.a(x)) * 30.0, torch.relu(self.b(x))], dim=1)
+        return self.mix(y).mean(dim=(2, 3))
+
+
+def test_equalization_evens_concatenated_branches() -> None:
+    """The 30x scale is folded into conv a, and each branch is equalized with the slice of mix's input
+    channels it fills: the function is kept and the two halves of the int8 concat get closer ranges."""
+    from pipeline.quantize.equalize import equalize
+
+    torch.manual_seed(0)
+    model, x = ScaledBranches().eval(), torch.randn(32, 1, 28, 28)
+    eq, rec = equalize(model, x, correct_bias=False)
+    with torch.no_grad():
+        ref, got = model(x), eq(x)
+    assert float((ref - got).abs().max()) < 1e-4 * max(1.0, float(ref.abs().max()))
+    assert rec.scales_folded == 1 and ("a", "mix") in rec.pairs and ("b", "mix") in rec.pairs
+
+    def halves(m: nn.Module) -> float:
+        seen: list[torch.Tensor] = []
+        mix = m.get_submodule("mix")
+        h = mix.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        with torch.no_grad():
+            m(x)
+        h.remove()
+        return float(seen[0][:, :8].abs().max() / seen[0][:, 8:].abs().max())
+
+    # weight-based CLE meets mix's (untrained, even) weights half-way: the range ratio falls to about its root
+    before, after = halves(model), halves(eq)
+    assert before > 20 and 1 <= after < before / 3, (before, after)
+
+
 def test_bias_correction_cancels_the_mean_shift_of_int8_weights(trained: SmallCNN, data: dict[str, ImageSet]) -> None:
     from pipeline.quantize.equalize import bias_correct
     from pipeline.quantize.scheme import fake_quant_weight

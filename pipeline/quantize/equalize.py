@@ -8,6 +8,10 @@
    r2_c = max |B weights reading channel c|). ReLU is positively homogeneous, so the float model computes the
    same function, while both layers' per-channel ranges become sqrt(r1_c r2_c): a depthwise channel with a
    1000x wider range no longer sets the scale of the whole activation tensor. Four sweeps over the pairs.
+   Branches concatenated along channels count too: A -> [ReLU] -> [x k] -> cat -> B pairs A with the slice of
+   B's input channels it fills (TFLite gives a concat's inputs one shared scale, so a branch with a 30x
+   smaller range would keep only a few int8 levels). A positive constant scale after a homogeneous op is
+   first folded into A (relu(z) * k == relu(k z)), so the weights see the range the activation has.
 3. Bias correction: the expected output shift caused by rounding the weights to TFLite's per-channel int8
    grid, E[conv(x, W_q - W)] per output channel over the calibration images (float inputs), is subtracted
    from each Conv/Linear bias.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +49,7 @@ class EqualizeRecord:
     bias_corrected: int
     max_range_ratio_before: float  # worst max/min per-channel weight range over the A layers
     max_range_ratio_after: float
+    scales_folded: int = 0  # positive constant scales after a ReLU folded into the conv before
 
     def to_dict(self) -> dict:
         return {
@@ -51,6 +57,7 @@ class EqualizeRecord:
             "bias_corrected": self.bias_corrected,
             "max_range_ratio_before": self.max_range_ratio_before,
             "max_range_ratio_after": self.max_range_ratio_after,
+            "scales_folded": self.scales_folded,
         }
 
 
@@ -77,36 +84,103 @@ def _weighted(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None
     return mod if isinstance(mod, (nn.Conv2d, nn.Linear)) else None
 
 
-def find_pairs(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
-    """(A, B) module names where conv A's output reaches conv/linear B alone, through a homogeneous op."""
+def _positive_scalar(node: torch.fx.Node) -> float | None:
+    """k when `node` is x * k (or k * x) with a positive Python number k."""
+    if node.op != "call_function" or node.target not in (operator.mul, torch.mul) or len(node.args) != 2:
+        return None
+    k = next((a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)), None)
+    return float(k) if k is not None and k > 0 else None
+
+
+def fold_scales(gm: torch.fx.GraphModule) -> int:
+    """Fold conv A -> homogeneous op -> x k (k > 0, A's output used only there) into A's weights and bias.
+    Returns the number folded."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        k = _positive_scalar(node)
+        src = next((a for a in node.args if isinstance(a, torch.fx.Node)), None)
+        if k is None or src is None or not _is_homogeneous(gm, src) or len(src.users) != 1:
+            continue
+        conv_node = src.args[0] if src.args and isinstance(src.args[0], torch.fx.Node) else None
+        a = _weighted(gm, conv_node) if conv_node is not None else None
+        if not isinstance(a, nn.Conv2d) or len(conv_node.users) != 1:
+            continue
+        with torch.no_grad():
+            a.weight.mul_(k)
+            if a.bias is not None:
+                a.bias.mul_(k)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        folded += 1
+    if folded:
+        gm.graph.lint()
+        gm.recompile()
+    return folded
+
+
+def _through_act(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The one user of conv `node`, past one homogeneous op (None: more than one user on the way)."""
+    if len(node.users) != 1:
+        return None
+    nxt = next(iter(node.users))
+    if _is_homogeneous(gm, nxt):
+        return next(iter(nxt.users)) if len(nxt.users) == 1 else None
+    return nxt
+
+
+def _concat_slot(gm: torch.fx.GraphModule, cat: torch.fx.Node, src: torch.fx.Node
+                 ) -> tuple[torch.fx.Node, int, int] | None:  # fmt: skip
+    """(B, channel offset, width) when `cat` joins conv branches (each past at most a homogeneous op) along
+    channels and feeds only B: where the branch ending in `src` starts among the `width` channels B reads."""
+    if cat.op != "call_function" or cat.target is not torch.cat or len(cat.users) != 1 or not cat.args:
+        return None
+    dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+    offset, found = 0, None
+    for part in cat.args[0]:
+        conv = part.args[0] if isinstance(part, torch.fx.Node) and _is_homogeneous(gm, part) and part.args else part
+        a = _weighted(gm, conv) if isinstance(conv, torch.fx.Node) else None
+        if dim != 1 or not isinstance(a, nn.Conv2d):
+            return None
+        found = offset if part is src else found
+        offset += a.out_channels
+    return None if found is None else (next(iter(cat.users)), found, offset)
+
+
+def find_pairs(gm: torch.fx.GraphModule) -> list[tuple[str, str, int]]:
+    """(A, B, offset) where conv A's output reaches conv/linear B alone, through a homogeneous op and maybe a
+    channel concat of conv branches; A fills B's input channels from `offset`."""
     pairs = []
     for node in gm.graph.nodes:
         a = _weighted(gm, node)
-        if not isinstance(a, nn.Conv2d) or len(node.users) != 1:
+        nxt = _through_act(gm, node) if isinstance(a, nn.Conv2d) else None
+        if nxt is None:
             continue
-        nxt = next(iter(node.users))
-        if _is_homogeneous(gm, nxt):
-            if len(nxt.users) != 1:
+        offset, width = 0, a.out_channels
+        if nxt.op == "call_function" and nxt.target is torch.cat:
+            act = next(iter(node.users))
+            slot = _concat_slot(gm, nxt, node if act is nxt else act)
+            if slot is None:
                 continue
-            nxt = next(iter(nxt.users))
+            nxt, offset, width = slot
         b = _weighted(gm, nxt)
-        if b is not None and b.weight.shape[1] * getattr(b, "groups", 1) == a.out_channels:
-            pairs.append((str(node.target), str(nxt.target)))
+        if b is not None and b.weight.shape[1] * getattr(b, "groups", 1) == width:
+            pairs.append((str(node.target), str(nxt.target), offset))
     return pairs
 
 
-def _b_view(b: nn.Module, channels: int) -> list[torch.Tensor]:
-    """For each input channel c of B, a view of the weights that read it."""
+def _b_view(b: nn.Module, channels: int, offset: int = 0) -> list[torch.Tensor]:
+    """For each input channel c of B (from `offset`), a view of the weights that read it."""
     w = b.weight.data
     groups = getattr(b, "groups", 1)
     in_per, out_per = w.shape[1], w.shape[0] // groups
-    return [w[(c // in_per) * out_per : (c // in_per + 1) * out_per, c % in_per] for c in range(channels)]
+    return [w[(c // in_per) * out_per : (c // in_per + 1) * out_per, c % in_per]
+            for c in range(offset, offset + channels)]  # fmt: skip
 
 
-def _equalize_pair(a: nn.Conv2d, b: nn.Module) -> None:
+def _equalize_pair(a: nn.Conv2d, b: nn.Module, offset: int = 0) -> None:
     with torch.no_grad():
         r1 = a.weight.data.abs().flatten(1).amax(dim=1)
-        views = _b_view(b, a.out_channels)
+        views = _b_view(b, a.out_channels, offset)
         r2 = torch.stack([v.abs().max() for v in views])
         ok = (r1 > 0) & (r2 > 0)
         s = torch.where(ok, torch.sqrt(r1 / r2.clamp_min(1e-30)), torch.ones_like(r1))
@@ -153,19 +227,15 @@ def bias_correct(model: nn.Module, images: torch.Tensor) -> int:
 def equalize(model: nn.Module, calib: torch.Tensor, *, correct_bias: bool = True) -> tuple[nn.Module, EqualizeRecord]:
     """A BN-folded, equalized (and bias-corrected) copy of `model` computing the same function in float."""
     gm = _fold(model)
+    scales = fold_scales(gm)
     pairs = find_pairs(gm)
-    a_names = [a for a, _ in pairs]
+    a_names = [a for a, _, _ in pairs]
     before = _range_ratio(gm, a_names)
     for _ in range(SWEEPS):
-        for a, b in pairs:
-            _equalize_pair(gm.get_submodule(a), gm.get_submodule(b))
+        for a, b, offset in pairs:
+            _equalize_pair(gm.get_submodule(a), gm.get_submodule(b), offset)
     after = _range_ratio(gm, a_names)
     corrected = bias_correct(gm, calib) if correct_bias else 0
-    log.info(
-        "equalized %d layer pairs (worst range ratio %.3g -> %.3g), bias-corrected %d layers",
-        len(pairs),
-        before,
-        after,
-        corrected,
-    )
-    return gm, EqualizeRecord(tuple(pairs), corrected, before, after)
+    log.info("equalized %d layer pairs (worst range ratio %.3g -> %.3g; %d constant scales folded), bias-corrected "
+             "%d layers", len(pairs), before, after, scales, corrected)  # fmt: skip
+    return gm, EqualizeRecord(tuple((a, b) for a, b, _ in pairs), corrected, before, after, scales)
