@@ -124,7 +124,7 @@ def _finetune(student: torch.nn.Module, teacher: torch.nn.Module, spec, data: Da
 
 def _data(spec, args: argparse.Namespace) -> DataPlan:
     """Fashion-MNIST for the model: the built-in set at 28x28, else resized in memory to the model's input
-    (the 3x64x64 bench models, as `make baseline` trained them: pipeline.baseline.fashion_mnist_for)."""
+    (the 3x64x64 bench models, as `make baseline` trained them: pipeline.data.fashion_mnist.fashion_mnist_for)."""
     if spec.input_shape == (1, 28, 28):
         return DataPlan(spec, test_limit=args.test_images)
     if spec.name == "efficientnet_lite0":  # the photo set: crops labelled by the unpruned model (agreement)
@@ -134,7 +134,7 @@ def _data(spec, args: argparse.Namespace) -> DataPlan:
         if not (photos / "README.txt").is_file():
             make_photo_set(photos, crops=args.photo_crops)
         return DataPlan(spec, data_dir=photos, test_limit=args.test_images, val_fraction=0.2)
-    from pipeline.baseline import fashion_mnist_for
+    from pipeline.data.fashion_mnist import fashion_mnist_for
 
     train = fashion_mnist_for(spec, "train").subset(args.train_images, seed=0)
     test = fashion_mnist_for(spec, "test").subset(args.test_images, seed=0)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.artifacts import write_text_atomic
-from pipeline.data.fashion_mnist import load_fashion_mnist
+from pipeline.data.fashion_mnist import fit_images, load_fashion_mnist
 from pipeline.data.imageset import ImageSet
 from pipeline.data.sources import split_validation
 from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
@@ -56,28 +56,6 @@ DEFAULTS: dict[str, dict] = {
     "mobilenetv2_fm": {"epochs": 4, "low_res_epochs": 3, "batch_size": 128, "lr": 3e-3, "train_limit": 8000,
                        "hold_out_val": True, "bf16": True},
 }  # fmt: skip
-
-
-def fit_images(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """uint8 NHWC images resized (bilinear) to the model's (C, H, W) and their channel replicated to C."""
-    c, h, w = shape
-    if images.shape[1:3] != (h, w):
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).round_().clamp_(0, 255)
-        images = x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    if images.shape[3] != c:
-        if images.shape[3] != 1:
-            raise ValueError(f"cannot turn {images.shape[3]}-channel images into {c} channels")
-        images = np.repeat(images, c, axis=3)
-    return np.ascontiguousarray(images)
-
-
-def fashion_mnist_for(spec: ModelSpec, split: str) -> ImageSet:
-    """A Fashion-MNIST split ("train" or "test") at the model's input size and channels (all in memory)."""
-    data = load_fashion_mnist(split)  # type: ignore[arg-type]
-    c, h, w = spec.input_shape
-    name = data.source if (c, h, w) == (1, 28, 28) else f"{data.source} resized to {c}x{h}x{w}"
-    return ImageSet(fit_images(data.images, spec.input_shape), data.labels, data.class_names, name)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

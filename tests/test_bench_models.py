@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.baseline import DEFAULTS, VAL_MAX, fashion_mnist_for, fit_images, train_val
-from pipeline.data.fashion_mnist import CLASS_NAMES
+from pipeline.baseline import DEFAULTS, VAL_MAX, train_val
+from pipeline.data.fashion_mnist import CLASS_NAMES, fashion_mnist_for, fit_images
 from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.models.zoo import get_model_spec
 from pipeline.pruning.channels import count_macs_params, prune_to_target
@@ -112,6 +112,24 @@ def test_fashion_mnist_for_a_bench_model() -> None:
     assert test.images.shape == (10000, 64, 64, 3) and test.class_names == spec.class_names
     spec.check_images(test)
     assert fashion_mnist_for(get_model_spec("fmnist_cnn"), "test").images.shape == (10000, 28, 28, 1)
+
+
+@needs_fmnist
+def test_the_built_in_data_plan_serves_a_bench_model_resized() -> None:
+    """`edgeship deploy --model resnet_fm` with no --data: the built-in Fashion-MNIST, test and calibration
+    splits resized to the model's 3x64x64 input (named so); a model of other classes still needs --data."""
+    from pipeline.data.sources import DataPlan
+    from pipeline.errors import DatasetError
+    from pipeline.models.spec import ModelSpec
+
+    spec = get_model_spec("resnet_fm")
+    plan = DataPlan(spec, test_limit=300)
+    assert plan.test.images.shape == (300, 64, 64, 3) and "resized to 3x64x64" in plan.describe()["test"]
+    cal = plan.calibration
+    assert cal.images.shape[1:] == (64, 64, 3) and "resized to 3x64x64" in cal.source
+    other = ModelSpec("other", spec.build, (3, 64, 64), spec.mean, spec.std, tuple(f"c{i}" for i in range(10)))
+    with pytest.raises(DatasetError, match="has no built-in dataset; give --data DIR"):
+        _ = DataPlan(other).test
 
 
 def test_baseline_refuses_a_model_it_cannot_train(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

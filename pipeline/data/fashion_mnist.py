@@ -7,12 +7,15 @@ import struct
 import zlib
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from pipeline.data.imageset import ImageSet
 from pipeline.errors import DatasetError
+
+if TYPE_CHECKING:
+    from pipeline.models.spec import ModelSpec
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -58,3 +61,28 @@ def load_fashion_mnist(split: Literal["train", "test"], *, root: Path = ROOT) ->
     if split not in _FILES:
         raise DatasetError(f"unknown Fashion-MNIST split {split!r}; valid: train, test")
     return _load(Path(root), split)
+
+
+def fit_images(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """uint8 NHWC images resized (bilinear) to the model's (C, H, W) and their channel replicated to C."""
+    import torch
+    import torch.nn.functional as F
+
+    c, h, w = shape
+    if images.shape[1:3] != (h, w):
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).round_().clamp_(0, 255)
+        images = x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    if images.shape[3] != c:
+        if images.shape[3] != 1:
+            raise ValueError(f"cannot turn {images.shape[3]}-channel images into {c} channels")
+        images = np.repeat(images, c, axis=3)
+    return np.ascontiguousarray(images)
+
+
+def fashion_mnist_for(spec: ModelSpec, split: str) -> ImageSet:
+    """A Fashion-MNIST split ("train" or "test") at the model's input size and channels (all in memory)."""
+    data = load_fashion_mnist(split)  # type: ignore[arg-type]
+    c, h, w = spec.input_shape
+    name = data.source if (c, h, w) == (1, 28, 28) else f"{data.source} resized to {c}x{h}x{w}"
+    return ImageSet(fit_images(data.images, spec.input_shape), data.labels, data.class_names, name)

@@ -76,7 +76,8 @@ class DataPlan:
         if (given := self._given(split)) is not None:
             return given.source
         if self.data_dir is None:
-            return f"fashion-mnist:{split}"
+            c, h, w = self.spec.input_shape
+            return f"fashion-mnist:{split}" + ("" if (c, h, w) == (1, 28, 28) else f" resized to {c}x{h}x{w}")
         src = self._source(split)
         assert isinstance(src, ImageIndex)
         return f"{src.source} ({len(src)} images, {src.kind}; {src.method}: {src.fingerprint[:16]})"
@@ -127,14 +128,16 @@ class DataPlan:
 
     def _find(self, split: str) -> ImageSet | ImageIndex:
         if self.data_dir is None:
-            if self.spec.input_shape != (1, 28, 28):
+            from pipeline.data.fashion_mnist import fashion_mnist_for, load_fashion_mnist
+
+            if self.spec.input_shape == (1, 28, 28):
+                return load_fashion_mnist(split)  # type: ignore[arg-type]
+            if not self._resizable_fashion_mnist():
                 raise DatasetError(
                     f"model {self.spec.name} takes {self.spec.input_shape} inputs and has no built-in dataset; "
                     f"give --data DIR with DIR/train/<class>/*.png and DIR/test/<class>/*.png"
                 )
-            from pipeline.data.fashion_mnist import load_fashion_mnist
-
-            return load_fashion_mnist(split)  # type: ignore[arg-type]
+            return fashion_mnist_for(self.spec, split)  # named "... resized to CxHxW"
         from pipeline.data.shards import find_shards, scan_shards, shard_classes
 
         folder = self.data_dir / split
@@ -149,6 +152,13 @@ class DataPlan:
                 f"DIR/{split}/*.tar or DIR/{split}-*.tar holding <key>.png + <key>.cls)"
             )
         return self._to_model_classes(scan_folder(folder))
+
+    def _resizable_fashion_mnist(self) -> bool:
+        """A Fashion-MNIST classifier at another input size (the 3x64x64 bench models): the built-in set is
+        resized (bilinear) and its channel replicated to the model's input, as `make baseline` trained it."""
+        from pipeline.data.fashion_mnist import CLASS_NAMES
+
+        return tuple(self.spec.class_names) == CLASS_NAMES and self.spec.input_shape[0] in (1, 3)
 
     def _decode(self, data: ImageSet | ImageIndex) -> ImageSet:
         if isinstance(data, ImageSet):
@@ -228,6 +238,12 @@ class DataPlan:
             from pipeline.data.calibration import load_calibration
 
             data = load_calibration(path)
+            if path == FMNIST_CALIBRATION and self.spec.input_shape != (1, 28, 28) and self._resizable_fashion_mnist():
+                from pipeline.data.fashion_mnist import fit_images
+
+                c, h, w = self.spec.input_shape
+                data = ImageSet(fit_images(data.images, self.spec.input_shape), data.labels, data.class_names,
+                                f"{data.source} resized to {c}x{h}x{w}")  # fmt: skip
         self.spec.check_images(data)
         return data
 

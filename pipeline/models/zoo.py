@@ -48,8 +48,8 @@ def _efficientnet_lite0() -> ModelSpec:
 
 
 def _fashion_mnist_rgb64(name: str, build: Callable[[], nn.Module]) -> ModelSpec:
-    """A bench model on Fashion-MNIST resized to 64x64 and replicated to 3 channels (pipeline.baseline.fit_images):
-    the grey statistics of Fashion-MNIST on every channel."""
+    """A bench model on Fashion-MNIST resized to 64x64 and replicated to 3 channels
+    (pipeline.data.fashion_mnist.fit_images): the grey statistics of Fashion-MNIST on every channel."""
     from pipeline.data.fashion_mnist import CLASS_NAMES
 
     return ModelSpec(name=name, build=build, input_shape=(3, 64, 64), mean=(0.2860,) * 3, std=(0.3530,) * 3,
