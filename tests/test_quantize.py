@@ -249,14 +249,31 @@ def test_coral_profiles_never_get_float_fallback(planted: dict, data: dict[str, 
     edgetpu = [load_target(str(p)) for p in sorted(TARGETS_DIR.glob("*.yaml")) if p.name != "aliases.yaml"]
     edgetpu = [t for t in edgetpu if t.hardware.accelerator == "edgetpu"]
     assert edgetpu and all(full_integer_only(t) for t in edgetpu)
-    job = _job(planted, data, tmp_path, full_integer_only=True, remedies=("selective",), max_float_ops=4)
+    job = _job(planted, data, tmp_path, full_integer_only=True, remedies=("selective", "int16x8"), max_float_ops=4)
     before = (tmp_path / "model_int8.tflite").read_bytes()
     rec = run_remedies(job, tmp_path)
     assert rec["steps"][1] == {"remedy": "selective", "kept": False,
                                "skipped": "Edge TPU targets must stay full-integer: no op may stay float"}  # fmt: skip
+    assert rec["steps"][2] == {"remedy": "int16x8", "kept": False,
+                               "skipped": "Edge TPU targets run int8 only: no int16 activations"}  # fmt: skip
     assert (tmp_path / "model_int8.tflite").read_bytes() == before
     assert rec["float_ops"] == [] and not rec["met"]
     assert "Edge TPU models must stay full-integer" in rec["advice"] and "conv2" in rec["advice"]
+
+
+def test_int16x8_quantizes_activations_to_int16(planted: dict, data: dict[str, ImageSet], tmp_path: Path) -> None:
+    """The opt-in 16x8 remedy: int16 activations, int8 weights, float I/O, measured like any other remedy."""
+    from pipeline.quantize.remedies import run_remedies
+    from pipeline.tflite import load_interpreter
+
+    rec = run_remedies(_job(planted, data, tmp_path, remedies=("int16x8",)), tmp_path)
+    row = rec["steps"][1]
+    assert row["remedy"].startswith("int16x8") and row["activations"] == "int16" and row["io"] == "float32"
+    # the planted channel (1000x wider weights) swamps int8 activations (seen: 0.10 -> 0.92 agreement)
+    assert row["kept"] and row["agreement"] > rec["steps"][0]["agreement"] + 0.5
+    interp = load_interpreter(tmp_path / "model_int8.tflite", threads=1)
+    kinds = {np.dtype(d["dtype"]).name for d in interp.get_tensor_details()}
+    assert interp.get_input_details()[0]["dtype"] == np.float32 and {"int16", "int8"} <= kinds
 
 
 def test_profile_rejects_a_remedy_listed_twice_or_unknown(tmp_path: Path) -> None:

@@ -8,7 +8,12 @@ uses to denylist nodes (calibrate only, then `mlir_quantize(..., denylisted_node
 of the profile's `quantize.int8_io`.
 
 job.json: {"saved_model": dir, "calibration": calib.npy (NHWC 0-1 float32), "mean": [...], "std": [...],
-"per_channel": bool, "int8_io": "int8"|"uint8"|"float32", "denylisted_nodes": [tensor names], "out": path}
+"per_channel": bool, "int8_io": "int8"|"uint8"|"float32", "denylisted_nodes": [tensor names], "out": path,
+"mode": "int8" (default) | "16x8"}
+
+Mode "16x8": int16 activations and int8 weights (TensorFlow's
+EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, with float kernels allowed for ops that have no
+16x8 kernel), float32 input and output; TFLite's built-in CPU kernels run it, XNNPACK does not accelerate it.
 """
 
 from __future__ import annotations
@@ -19,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 
-def requantize(job: dict[str, Any]) -> None:
+def _representative(job: dict[str, Any]) -> Any:
     import numpy as np
-    import tensorflow as tf
-    from tensorflow.lite.python import convert
 
     calib = np.load(job["calibration"]).astype(np.float32)
     mean = np.asarray(job["mean"], np.float32).reshape(1, 1, 1, -1)
@@ -32,6 +35,34 @@ def requantize(job: dict[str, Any]) -> None:
         for i in range(len(calib)):
             yield [((calib[i : i + 1] - mean) / std).astype(np.float32)]
 
+    return representative
+
+
+def _write(out: Path, model: bytes) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(model)
+    tmp.replace(out)
+
+
+def quantize_16x8(job: dict[str, Any]) -> None:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(job["saved_model"])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+                                           tf.lite.OpsSet.TFLITE_BUILTINS]  # fmt: skip
+    converter._experimental_disable_per_channel = not job["per_channel"]
+    converter.representative_dataset = _representative(job)
+    _write(Path(job["out"]), converter.convert())
+
+
+def requantize(job: dict[str, Any]) -> None:
+    import tensorflow as tf
+    from tensorflow.lite.python import convert
+
+    if job.get("mode", "int8") == "16x8":
+        return quantize_16x8(job)
+    representative = _representative(job)
     converter = tf.lite.TFLiteConverter.from_saved_model(job["saved_model"])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.SELECT_TF_OPS]
@@ -50,10 +81,8 @@ def requantize(job: dict[str, Any]) -> None:
         output_data_type=io,
         denylisted_nodes=nodes or None,
     )
-    out = Path(job["out"])
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(model)
-    tmp.replace(out)
+    _write(Path(job["out"]), model)
+    return None
 
 
 def _exact_names(calibrated: bytes, wanted: list[str]) -> list[str]:
