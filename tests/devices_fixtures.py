@@ -231,3 +231,26 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def arm64_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """A real sshd chrooted into the arm64 Debian rootfs under qemu-user (tests/qemu_rootfs.py): the emulated
+    Raspberry Pi. Skips, saying why, where qemu, binfmt, the rootfs or sshd is missing."""
+    import sys
+
+    from qemu_rootfs import binfmt_aarch64, chroot_wrap, ensure_rootfs, missing_reason
+
+    reason = sshd_missing_reason() or missing_reason()
+    if reason:
+        pytest.skip(reason)
+    rootfs, how = ensure_rootfs()
+    if rootfs is None:
+        pytest.skip(how)
+    sys.stderr.write(f"\narm64 rootfs {rootfs}: {how}\n")
+    with binfmt_aarch64():
+        server = start_sshd(tmp_path_factory.mktemp("arm64") / "sshd", chroot=rootfs, wrap=chroot_wrap(rootfs))
+        try:
+            yield server
+        finally:
+            server.stop()

@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -225,25 +224,6 @@ def test_over_adb_the_same_table_and_the_same_fingerprint(tmp_path: Path, probe_
 
 
 # ------------------------------------------------------------------ the emulated Raspberry Pi
-
-
-@pytest.fixture(scope="module")
-def arm64_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from devices_fixtures import sshd_missing_reason, start_sshd
-    from qemu_rootfs import binfmt_aarch64, chroot_wrap, ensure_rootfs, missing_reason
-
-    reason = sshd_missing_reason() or missing_reason()
-    if reason:
-        pytest.skip(reason)
-    rootfs, how = ensure_rootfs()
-    if rootfs is None:
-        pytest.skip(how)
-    with binfmt_aarch64():
-        server = start_sshd(tmp_path_factory.mktemp("arm64") / "sshd", chroot=rootfs, wrap=chroot_wrap(rootfs))
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 @pytest.mark.slow

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from qemu_rootfs import binfmt_aarch64, cache_dir, chroot_wrap, ensure_rootfs, missing_reason
+from qemu_rootfs import cache_dir
 
 from pipeline.bench import BenchSettings
 from pipeline.devices.profile_device import profile_many
@@ -23,25 +22,6 @@ pytestmark = pytest.mark.slow
 
 if TYPE_CHECKING:
     from devices_fixtures import Sshd
-
-
-@pytest.fixture(scope="module")
-def arm64_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    from devices_fixtures import sshd_missing_reason, start_sshd
-
-    reason = sshd_missing_reason() or missing_reason()
-    if reason:
-        pytest.skip(reason)
-    rootfs, how = ensure_rootfs()
-    if rootfs is None:
-        pytest.skip(how)
-    sys.stderr.write(f"\narm64 rootfs {rootfs}: {how}\n")
-    with binfmt_aarch64():
-        server = start_sshd(tmp_path_factory.mktemp("arm64") / "sshd", chroot=rootfs, wrap=chroot_wrap(rootfs))
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 def test_uname_and_exit_status_in_the_emulated_pi(arm64_sshd: Sshd) -> None:
