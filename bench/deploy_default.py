@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from pipeline.artifacts import read_json, write_text_atomic
+from bench.sections import write_section
+from pipeline.artifacts import read_json
 from pipeline.cli import main as cli_main
 from pipeline.deploy import REPO
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         *table,
         "",
     ]
-    _write_section(args.out, "\n".join(body))
+    write_section(args.out, SECTION, "\n".join(body))
     return 0
 
 
@@ -110,13 +110,6 @@ def _profile_name(target: str) -> str:
     from pipeline.targets import load_target
 
     return load_target(target).name
-
-
-def _write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures written by the scripts in bench/.\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    write_text_atomic(path, text)
 
 
 if __name__ == "__main__":
