@@ -115,6 +115,17 @@ def test_in_memory_model_checkpoint_is_named_by_its_key_and_loads_into_build(tmp
     other = memory_checkpoint(memory_spec(model, input_shape=SHAPE, mean=(MEAN,), std=(STD,), class_names=CLASSES),
                               tmp_path)  # fmt: skip
     assert other != path and sorted(p.name for p in (tmp_path / "inputs").iterdir()) == sorted([path.name, other.name])
+    # edited again and again: only the KEEP most recently used checkpoints stay
+    from pipeline.models.memory import KEEP
+
+    made = [other]
+    for _ in range(KEEP + 1):
+        with torch.no_grad():
+            model.stem[0].weight[0, 0, 0, 0] += 1.0
+        made.append(memory_checkpoint(memory_spec(model, input_shape=SHAPE, mean=(MEAN,), std=(STD,),
+                                                  class_names=CLASSES), tmp_path))  # fmt: skip
+    left = sorted(p.name for p in (tmp_path / "inputs").iterdir())
+    assert left == sorted(p.name for p in made[-KEEP:]) and len(set(made)) == KEEP + 2
 
 
 @pytest.mark.parametrize("layout", ["uint8 HWC array", "float CHW tensor", "uint8 CHW tensor", "PIL", "2-D array"])

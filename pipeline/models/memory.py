@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from pipeline.models.spec import ModelSpec
 from pipeline.models.zoo import normalization
 
 FOLDER = "inputs"  # runs/<target>/inputs/model-<key>.pt
+KEEP = 4  # in-memory model checkpoints kept per run folder (the most recently used)
 
 
 def model_key(model: nn.Module) -> str:
@@ -69,4 +71,15 @@ def memory_checkpoint(spec: ModelSpec, run_dir: Path) -> Path:
     if not path.is_file():  # written whole or not at all: a file of this name holds this model
         path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(model, path, meta={"model": spec.name, "source": "in memory", "key": key})
+    else:
+        os.utime(path)  # used now: the newest
+    _forget_old(path.parent)
     return path
+
+
+def _forget_old(folder: Path, keep: int = KEEP) -> None:
+    """Remove all but the `keep` most recently used in-memory model checkpoints (each deploy of an edited model
+    writes a new one; the stages' own outputs are what a rerun reuses)."""
+    files = sorted(folder.glob("model-*.pt"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
+    for old in files[keep:]:
+        old.unlink(missing_ok=True)
