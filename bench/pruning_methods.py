@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                          for x in runs)  # fmt: skip
     written = f" Written from the saved runs by `{_command(argv)}`." if args.from_result else ""
     body = [SECTION, "", f"Commands (each model's rows measured in one run): {commands}.{written} Machine: "
-            f"{r['machine']}, {r['cores']} cores, ai-edge-litert fp32 at 1 thread; every file of a model timed in {r['rounds']} "
+            f"{r['machine']}, {r['cores']} cores, ai-edge-litert fp32 at 1 thread; every file of a model timed in "
+            f"{r['rounds']} "
             "round-robin passes (median of the per-pass p50s). Same fine-tune for every method of a model "
             "(distillation from the unpruned model, early stopping on the validation split); accuracy of the "
             "converted .tflite on the test split. For efficientnet_lite0 the test set is the photo set's held-out "
