@@ -177,6 +177,9 @@ class Quantize(_Frozen):
     # issue 14: int8 top-1 agreement with PyTorch on the validation split the remedies work to reach (the
     # shipped int8 model stops the deploy, exit 3, below it); the remedies run in this order, those listed
     min_agreement: float = Field(default=0.99, ge=0, le=1)
+    # and, when set, the int8 file's validation accuracy may sit at most this far (a fraction: 0.005 = half a
+    # point) below the float model's: the remedies go on until both hold (unset: agreement alone)
+    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
     # `int16x8` (int16 activations, int8 weights) is opt-in: only TFLite's built-in CPU kernels run it, slower
     # than XNNPACK's int8, and never on Edge TPU
     remedies: tuple[Literal["calibration", "equalization", "selective", "int16x8", "qat"], ...] = (

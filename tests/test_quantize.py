@@ -241,6 +241,30 @@ def test_weight_fake_quant_matches_the_tflite_file(planted: dict) -> None:
     np.testing.assert_allclose(ours, q, atol=1e-6 * float(np.abs(q).max()) + 1e-8)
 
 
+def test_max_accuracy_drop_keeps_the_remedies_going(planted: dict, data: dict[str, ImageSet], tmp_path: Path) -> None:
+    """Agreement alone (min 0) is met by plain PTQ; with max_accuracy_drop the planted model's lost accuracy
+    sends it on to the remedies, and the record, advice and budget rows all carry the drop."""
+    from pipeline.quantize.budget import DROP_ROW, quant_budget_rows
+    from pipeline.quantize.remedies import run_remedies
+
+    alone = run_remedies(_job(planted, data, tmp_path / "a", min_agreement=0.0, remedies=("calibration",)),
+                         tmp_path / "a")  # fmt: skip
+    assert alone["met"] and [r["remedy"] for r in alone["steps"]] == ["plain PTQ"]
+    assert alone["max_accuracy_drop"] is None and alone["accuracy_drop"] > 0.05  # the planted layer costs accuracy
+    assert [r["name"] for r in quant_budget_rows(alone, "int8")] == ["int8 agreement (val)"]
+
+    job = _job(planted, data, tmp_path / "b", min_agreement=0.0, remedies=("calibration",), max_accuracy_drop=0.005)
+    rec = run_remedies(job, tmp_path / "b")
+    assert [r["remedy"] for r in rec["steps"]] == ["plain PTQ", "calibration"]
+    assert rec["accuracy_drop"] == pytest.approx(rec["fp32_accuracy"] - rec["accuracy"])
+    assert rec["met"] == (rec["accuracy_drop"] <= 0.005)
+    drop_row = quant_budget_rows(rec, "int8")[1]
+    assert drop_row["name"] == DROP_ROW and drop_row["limit"] == 0.005
+    assert drop_row["status"] == ("met" if rec["met"] else "missed")
+    if not rec["met"]:
+        assert "quantize.max_accuracy_drop 0.005" in rec["advice"] and "conv2" in rec["advice"]
+
+
 def test_coral_profiles_never_get_float_fallback(planted: dict, data: dict[str, ImageSet], tmp_path: Path) -> None:
     from pipeline.quantize.remedies import run_remedies
     from pipeline.stages.convert import full_integer_only

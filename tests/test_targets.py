@@ -100,6 +100,13 @@ def test_enum_error_lists_valid_values(tmp_path: Path) -> None:
         ("finetune", "alpha", -0.1, r"finetune -> alpha: Input should be greater than or equal to 0"),
         ("budgets", "max_accuracy_drop", 2, r"budgets -> max_accuracy_drop: Input should be less than or equal to 1"),
         ("profiling", "runs", 0, r"profiling -> runs: Input should be greater than or equal to 1"),
+        (
+            "quantize",
+            "max_accuracy_drop",
+            -0.01,
+            r"quantize -> max_accuracy_drop: Input should be greater than or equal to 0",
+        ),
+        ("quantize", "max_accuracy_drop", "half", r"quantize -> max_accuracy_drop: Input should be a valid number"),
     ],
 )
 def test_out_of_range(tmp_path: Path, section: str, key: str, value: object, pattern: str) -> None:

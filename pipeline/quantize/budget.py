@@ -1,8 +1,9 @@
 """int8 agreement as a budget: the row of a target that ships int8, and what the deploy says on a miss.
 
 The row is missed when the int8 model the remedies ended with agrees with PyTorch's top-1 on fewer than
-`quantize.min_agreement` of the validation images. A miss stops the deploy like every budget (exit 3,
-nothing published) unless `--allow-budget-miss` ships it labelled.
+`quantize.min_agreement` of the validation images; a second row, when `quantize.max_accuracy_drop` is set, is
+missed when its validation accuracy sits further than that below the float model's. A miss stops the deploy
+like every budget (exit 3, nothing published) unless `--allow-budget-miss` ships it labelled.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 ROW_NAME = "int8 agreement (val)"
+DROP_ROW = "int8 accuracy drop (val)"
 
 
 def quant_budget_rows(quantization: Mapping[str, Any] | None, shipped: str) -> list[dict[str, Any]]:
@@ -20,8 +22,15 @@ def quant_budget_rows(quantization: Mapping[str, Any] | None, shipped: str) -> l
     value, limit = float(quantization["agreement"]), float(quantization["min_agreement"])
     note = (f"at least; top-1 vs PyTorch on {quantization['val_images']} validation images after "
             f"{quantization['shipped']}")  # fmt: skip
-    return [{"name": ROW_NAME, "limit": limit, "value": round(value, 4),
+    rows = [{"name": ROW_NAME, "limit": limit, "value": round(value, 4),
              "status": "met" if value >= limit else "missed", "note": note}]  # fmt: skip
+    max_drop, drop = quantization.get("max_accuracy_drop"), quantization.get("accuracy_drop")
+    if max_drop is not None and drop is not None:
+        rows.append({"name": DROP_ROW, "limit": float(max_drop), "value": round(float(drop), 4),
+                     "status": "met" if float(drop) <= float(max_drop) + 1e-9 else "missed",
+                     "note": f"at most; float minus int8 validation accuracy on {quantization['val_images']} "
+                             f"validation images after {quantization['shipped']}"})  # fmt: skip
+    return rows
 
 
 def quant_hint(quantization: Mapping[str, Any] | None) -> str:

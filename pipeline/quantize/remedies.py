@@ -2,6 +2,9 @@
 validation images (top-1), each one measured and recorded.
 
 0. plain post-training quantization (what the convert stage gave): measured, per-op error computed.
+With `max_accuracy_drop` set, a model must also keep its validation accuracy within that much of the float
+model's before the remedies stop (`meets`).
+
 1. `calibration`: more calibration images (the calibration set plus training images, up to
    `CALIBRATION_FACTOR` x the profile's count). onnx2tf 1.29 calibrates with TensorFlow's min/max only: it has
    no percentile or KL option, so none is claimed here (QAT's learned ranges are the clipping remedy).
@@ -65,6 +68,7 @@ class RemedyJob:
     threads: int
     seed: int
     extra_args: Callable[[Path], Sequence[str]] = lambda _: ()
+    max_accuracy_drop: float | None = None  # a fraction of the float accuracy (None: agreement alone decides)
     timing: Callable[[Path], float] | None = None  # p50 ms of a .tflite file, when latency is measured
 
 
@@ -103,6 +107,7 @@ class _Ref:
         x = job.spec.to_tensor(job.val.images)
         self.top1 = np.argmax(_torch_logits(job.model, x), axis=1)
         self.labels = job.val.labels
+        self.fp32_accuracy = None if self.labels is None else float(np.mean(self.top1 == self.labels))
         self.nhwc = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
 
     def measure(self, c: Candidate, job: RemedyJob) -> Candidate:
@@ -118,8 +123,24 @@ class _Ref:
         return c
 
 
-def _better(a: Candidate, b: Candidate) -> bool:
-    return (a.agreement, a.accuracy or 0.0) > (b.agreement, b.accuracy or 0.0)
+def drop_of(c: Candidate, ref: _Ref) -> float | None:
+    """The float model's validation accuracy minus the int8 file's (None without labels)."""
+    if ref.fp32_accuracy is None or c.accuracy is None:
+        return None
+    return ref.fp32_accuracy - c.accuracy
+
+
+def meets(c: Candidate, job: RemedyJob, ref: _Ref) -> bool:
+    """min_agreement reached and, when max_accuracy_drop is set (and labels are known), the drop within it."""
+    if c.agreement < job.min_agreement:
+        return False
+    drop = drop_of(c, ref)
+    return job.max_accuracy_drop is None or drop is None or drop <= job.max_accuracy_drop + 1e-9
+
+
+def _better(a: Candidate, b: Candidate, job: RemedyJob, ref: _Ref) -> bool:
+    """Meeting the goal first, then agreement, then accuracy."""
+    return (meets(a, job, ref), a.agreement, a.accuracy or 0.0) > (meets(b, job, ref), b.agreement, b.accuracy or 0.0)
 
 
 def _convert(job: RemedyJob, model: nn.Module, calib: ImageSet, work: Path, name: str) -> Candidate:
@@ -246,9 +267,9 @@ def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: A
         c.details = {"float_ops": [o.where() for o in ops], "float_tensors": tensors}
         ref.measure(c, job)
         tries.append({"float_ops": k, "agreement": c.agreement, "p50_ms": c.p50_ms})
-        if chosen is None or _better(c, chosen):
+        if chosen is None or _better(c, chosen, job, ref):
             chosen = c
-        if c.agreement >= job.min_agreement or k == len(ranked):
+        if meets(c, job, ref) or k == len(ranked):
             break
         k = min(2 * k, len(ranked))
     if chosen is None:
@@ -324,14 +345,14 @@ def run_remedies(job: RemedyJob, out: Path) -> dict[str, Any]:
     best, rows = plain, [plain.row(True)]
     first_errors = errors = _errors(plain, job, ref)
     for name in REMEDIES:
-        if best.agreement >= job.min_agreement or name not in job.remedies:
+        if meets(best, job, ref) or name not in job.remedies:
             continue
         try:
             c = _try(name, job, best, work, ref, errors)
         except _Skipped as exc:
             rows.append({"remedy": name, "skipped": str(exc), "kept": False})
             continue
-        kept = _better(c, best)
+        kept = _better(c, best, job, ref)
         rows.append(c.row(kept))
         if kept:
             best = c
@@ -346,12 +367,16 @@ def run_remedies(job: RemedyJob, out: Path) -> dict[str, Any]:
 
 def _record(job: RemedyJob, best: Candidate, rows: list, errs: tuple, ref: _Ref, first_fp32: Path) -> dict[str, Any]:
     first, final = errs
-    met = best.agreement >= job.min_agreement
+    met = meets(best, job, ref)
+    drop = drop_of(best, ref)
     fp32_ms = job.timing(first_fp32) if job.timing is not None else None
     holding = [o.where() for o in final.worst(5) if o.share > 0]
     return {
         "min_agreement": job.min_agreement,
+        "max_accuracy_drop": job.max_accuracy_drop,
         "met": met,
+        "fp32_accuracy": ref.fp32_accuracy,
+        "accuracy_drop": drop,
         "val_images": len(ref.top1),
         "data": job.val.source,
         "agreement": best.agreement,
@@ -365,18 +390,25 @@ def _record(job: RemedyJob, best: Candidate, rows: list, errs: tuple, ref: _Ref,
         "steps": rows,
         "op_errors": {"plain": first.to_dict(), "final": final.to_dict()},
         "holding_back": holding,
-        "advice": None if met else advice(job, best, holding),
+        "advice": None if met else advice(job, best, holding, drop),
     }
 
 
-def advice(job: RemedyJob, best: Candidate, holding: Sequence[str]) -> str:
-    """What to change when no remedy reached min_agreement."""
+def advice(job: RemedyJob, best: Candidate, holding: Sequence[str], drop: float | None = None) -> str:
+    """What to change when no remedy reached min_agreement (or kept the accuracy within max_accuracy_drop)."""
     ops = "; ".join(holding[:3]) or "no single op stands out"
-    tips = [
-        f"int8 top-1 agreement with PyTorch is {best.agreement:.4f} on {len(job.val)} validation images, "
-        f"below quantize.min_agreement {job.min_agreement:g} after {', '.join(job.remedies) or 'no remedies'}. "
-        f"The ops holding it back: {ops}."
-    ]
+    after = ", ".join(job.remedies) or "no remedies"
+    if best.agreement >= job.min_agreement and drop is not None and job.max_accuracy_drop is not None:
+        miss = (
+            f"int8 validation accuracy is {100 * drop:.2f} points below the float model's on {len(job.val)} "
+            f"validation images, more than quantize.max_accuracy_drop {job.max_accuracy_drop:g} after {after}"
+        )
+    else:
+        miss = (
+            f"int8 top-1 agreement with PyTorch is {best.agreement:.4f} on {len(job.val)} validation images, "
+            f"below quantize.min_agreement {job.min_agreement:g} after {after}"
+        )
+    tips = [f"{miss}. The ops holding it back: {ops}."]
     if job.full_integer_only:
         tips.append(
             "Edge TPU models must stay full-integer: bound those layers' activations (ReLU6 instead of "

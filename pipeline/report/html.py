@@ -322,7 +322,7 @@ def _quantization(s: Mapping[str, Any]) -> str:
     return "\n".join([
         "<h2>Quantization</h2>",
         f"<p>int8 top-1 agreement with PyTorch <b>{q['agreement']:.4f}</b> on {q['val_images']} validation images: "
-        f"min_agreement {q['min_agreement']:g} <b>{verdict}</b> after {esc(q['shipped'])}.</p>",
+        f"{esc(qf.goal_text(q))} <b>{verdict}</b> after {esc(q['shipped'])}.</p>",
         table(["remedy", "agreement", "accuracy", "bytes", "p50 (host)", "vs plain int8", "result"], rows,
               numeric=(1, 2, 3, 4, 5)),
         img(qf.op_error_plot(s), "worst int8 ops"),

@@ -64,6 +64,16 @@ def op_error_plot(s: Mapping[str, Any], top: int = TOP) -> bytes | None:
     return _png(fig)
 
 
+def goal_text(q: Mapping[str, Any]) -> str:
+    """The goal the remedies worked to: min_agreement, and max_accuracy_drop when the profile sets it."""
+    goal = f"quantize.min_agreement {q['min_agreement']:g}"
+    if q.get("max_accuracy_drop") is not None:
+        drop = q.get("accuracy_drop")
+        now = "" if drop is None else f" (int8 is {100 * drop:+.2f} points from float)"
+        goal += f" and max_accuracy_drop {q['max_accuracy_drop']:g}{now}"
+    return goal
+
+
 def markdown_lines(s: Mapping[str, Any]) -> list[str]:
     """The report.md section: remedies, final figures, worst ops."""
     q = s.get("quantization")
@@ -72,7 +82,7 @@ def markdown_lines(s: Mapping[str, Any]) -> list[str]:
     verdict = "met" if q["met"] else "**missed**"
     lines = ["## Quantization (int8 remedies)", "",
              f"int8 top-1 agreement with PyTorch {q['agreement']:.4f} on {q['val_images']} validation images "
-             f"({q['data']}): quantize.min_agreement {q['min_agreement']:g} {verdict}, after {q['shipped']}. "
+             f"({q['data']}): {goal_text(q)} {verdict}, after {q['shipped']}. "
              f"fp32 p50 {_ms(q.get('fp32_p50_ms'))}, plain int8 {_ms(q.get('plain_p50_ms'))}, "
              f"shipped int8 {_ms(q.get('p50_ms'))} (this host, benchmark runner, 50 runs).", "",
              "| remedy | agreement | accuracy | size | p50 | vs plain int8 | result |",
