@@ -241,6 +241,23 @@ def test_weight_fake_quant_matches_the_tflite_file(planted: dict) -> None:
     np.testing.assert_allclose(ours, q, atol=1e-6 * float(np.abs(q).max()) + 1e-8)
 
 
+def test_outlier_images_are_trimmed_from_the_calibration_pool() -> None:
+    """Three images with a 50x activation are the ones dropped; the kept images' range is the bulk's."""
+    from pipeline.quantize.calibset import per_image_extremes, trim_outliers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    x = torch.rand(200, 1, 12, 12)
+    x[[7, 50, 133]] *= 50.0
+    ext = per_image_extremes(model, x)
+    assert ext.shape == (200, 3)  # conv, relu, conv: one column each
+    trimmed = trim_outliers(model, x, fraction=0.01, max_share=0.1)
+    assert {7, 50, 133}.isdisjoint(trimmed.keep.tolist()) and 3 <= trimmed.dropped <= 20
+    assert ext[trimmed.keep].max() < ext.max() / 10
+    none = trim_outliers(model, x, fraction=0.01, max_share=0.0)  # nothing may go
+    assert none.dropped == 0 and len(none.keep) == 200
+
+
 def test_max_accuracy_drop_keeps_the_remedies_going(planted: dict, data: dict[str, ImageSet], tmp_path: Path) -> None:
     """Agreement alone (min 0) is met by plain PTQ; with max_accuracy_drop the planted model's lost accuracy
     sends it on to the remedies, and the record, advice and budget rows all carry the drop."""
@@ -328,7 +345,9 @@ def test_every_remedy_runs_in_order_and_is_measured(planted: dict, data: dict[st
     assert list(rows) == ["plain PTQ", *REMEDIES]  # unreachable 1.01: every remedy runs, in order
     assert rows["plain PTQ"]["agreement"] == pytest.approx(plain)
     assert all(r["agreement"] is not None and r["p50_ms"] > 0 for r in rows.values())
-    assert rows["calibration"]["calibration_images"] == 4 * len(data["calibration"])
+    cal = rows["calibration"]
+    assert cal["pool_images"] == 4 * len(data["calibration"]) and len(cal["tries"]) in (1, 2)
+    assert cal["calibration_images"] == cal["pool_images"] - cal["outliers_dropped"]
     eq = rows["equalization"]
     assert eq["kept"] and eq["agreement"] > plain + 0.2 and ["conv2", "conv3"] in eq["pairs"]
     sel = rows["selective"]
