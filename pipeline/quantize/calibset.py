@@ -52,7 +52,7 @@ def per_image_extremes(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     return np.stack([np.concatenate([c[t] for c in cols]) for t in range(len(cols[0]))], axis=1)
 
 
-def trim_outliers(model: nn.Module, x: torch.Tensor, *, fraction: float = 0.01, max_share: float = 0.1) -> Trimmed:
+def trim_outliers(model: nn.Module, x: torch.Tensor, *, fraction: float = 0.01, max_share: float = 0.2) -> Trimmed:
     """The images to calibrate on once the ones setting each tensor's extreme range are dropped (see above)."""
     ext = per_image_extremes(model, x)
     n = len(ext)
