@@ -245,9 +245,14 @@ def _save(res: dict[str, Any], folder: Path, cmd: str) -> Path:
 
 def _report(results: list[dict[str, Any]], args: argparse.Namespace, argv: list[str] | None) -> None:
     cmd = "python -m bench.quantization " + shlex.join(argv if argv is not None else sys.argv[1:])
-    runs = sorted({r["command"] for r in results if r.get("command") and r["command"] != cmd.strip()})
+    runs: dict[str, list[str]] = {}
+    for r in results:
+        if r.get("command") and r["command"] != cmd.strip():
+            runs.setdefault(r["command"] + (f" ({r['note']})" if r.get("note") else ""), []).append(r["model"])
     val = ", ".join(sorted({str(r["record"].get("val_images") or args.val) for r in results}))
-    saved = f" The saved rows came from: {'; '.join(f'`{c}`' for c in runs)}." if runs else ""
+    saved = "; ".join(f"{', '.join(models)} from `{c.split(' (', 1)[0]}`" + (f" ({c.split(' (', 1)[1]}" if " (" in c
+                      else "") for c, models in runs.items())  # fmt: skip
+    saved = f" The saved rows: {saved}." if saved else ""
     body = [f"{SECTION} (int8 remedies, {platform.machine()}, 1 thread)", "",
             f"Command: `{cmd.strip()}`.{saved} Agreement = top-1 agreement of the int8 file with PyTorch, "
             f"accuracy drop = fp32 PyTorch accuracy minus the int8 file's, both on {val} held-out training images (the "
