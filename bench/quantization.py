@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +35,7 @@ from pipeline.bench import BenchSettings, profile_local
 from pipeline.data.imageset import ImageSet
 from pipeline.deploy import REPO
 from pipeline.models.spec import ModelSpec
+from pipeline.quantize.budget import drop_within
 
 SECTION = "## Quantization"
 GOAL = 0.99
@@ -158,7 +158,6 @@ def _bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, A
     from pipeline.convert.convert_tflite import convert_tflite
     from pipeline.convert.export_onnx import export_onnx
     from pipeline.quantize.remedies import REMEDIES, RemedyJob, run_remedies
-    from pipeline.verification import _torch_logits
 
     got = _model(name, args)
     if got is None:
@@ -177,20 +176,20 @@ def _bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, A
                     timing=lambda p: float(profile_local(p, timing)["latency_ms"]["p50"]))  # fmt: skip
     start = time.perf_counter()
     rec = run_remedies(job, out)
-    logits = _torch_logits(model, spec.to_tensor(data["val"].images))
-    fp32_acc = float(np.mean(np.argmax(logits, 1) == data["val"].labels))
-    return {"model": name, "fp32_accuracy": fp32_acc, "fp32_size": files["fp32"].size_bytes, "record": rec,
+    return {"model": name, "fp32_accuracy": rec["fp32_accuracy"], "fp32_size": files["fp32"].size_bytes, "record": rec,
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
+def _eligible(rows: list[dict[str, Any]], skip_float: bool) -> list[dict[str, Any]]:
+    """The measured rows, in the order the pipeline tries them; for Coral without float or int16 ones."""
+    return [r for r in rows if not r.get("skipped")
+            and not (skip_float and r["remedy"].startswith(("selective", "int16x8")))]  # fmt: skip
+
+
 def _first_meeting(rows: list[dict[str, Any]], fp32_acc: float, skip_float: bool = False) -> dict[str, Any] | None:
-    """The first row (the order the pipeline tries them) with agreement >= GOAL and a drop <= GOAL_DROP."""
-    for r in rows:
-        if r.get("skipped") or (skip_float and r["remedy"].startswith(("selective", "int16x8"))):
-            continue
-        if r["agreement"] >= GOAL and fp32_acc - r["accuracy"] <= GOAL_DROP + 1e-9:
-            return r
-    return None
+    """The first row with agreement >= GOAL and a drop <= GOAL_DROP."""
+    return next((r for r in _eligible(rows, skip_float)
+                 if r["agreement"] >= GOAL and drop_within(fp32_acc - r["accuracy"], GOAL_DROP)), None)  # fmt: skip
 
 
 def _table(results: list[dict[str, Any]]) -> list[str]:
@@ -213,8 +212,7 @@ def _table(results: list[dict[str, Any]]) -> list[str]:
 def _goal_cells(rows: list[dict[str, Any]], acc: float, fp32_ms: float, skip_float: bool) -> list[str]:
     r = _first_meeting(rows, acc, skip_float)
     if r is None:
-        best = max((x for x in rows if not x.get("skipped") and not (skip_float and x["remedy"].startswith(
-            ("selective", "int16x8")))), key=lambda x: (x["agreement"], x["accuracy"]))  # fmt: skip
+        best = max(_eligible(rows, skip_float), key=lambda x: (x["agreement"], x["accuracy"]))
         return [f"not reached (best: {best['remedy']}, {best['agreement']:.4f}, "
                 f"{100 * (acc - best['accuracy']):+.2f} pt)", "", ""]  # fmt: skip
     plain = rows[0]["p50_ms"]
@@ -232,10 +230,10 @@ def _goals(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _save(res: dict[str, Any], folder: Path, cmd: str) -> Path:
+def _save(res: dict[str, Any], folder: Path) -> Path:
     """The figures the tables are made of, for `--from-result` (the per-op error lists left out)."""
     keep = ("steps", "fp32_p50_ms", "plain_p50_ms", "agreement", "accuracy", "shipped", "val_images", "data")
-    out = {**{k: res[k] for k in ("model", "fp32_accuracy", "fp32_size", "seconds")}, "command": cmd,
+    out = {**{k: res[k] for k in ("model", "fp32_accuracy", "fp32_size", "seconds", "command")},
            "record": {k: res["record"].get(k) for k in keep}}  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"quantization-{res['model']}.json"
@@ -243,18 +241,22 @@ def _save(res: dict[str, Any], folder: Path, cmd: str) -> Path:
     return path
 
 
+def _command(argv: list[str] | None) -> str:
+    return ("python -m bench.quantization " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
+
+
 def _report(results: list[dict[str, Any]], args: argparse.Namespace, argv: list[str] | None) -> None:
-    cmd = "python -m bench.quantization " + shlex.join(argv if argv is not None else sys.argv[1:])
-    runs: dict[str, list[str]] = {}
+    cmd = _command(argv)
+    runs: dict[tuple[str, str], list[str]] = {}  # (command, note) -> the models whose saved rows it made
     for r in results:
-        if r.get("command") and r["command"] != cmd.strip():
-            runs.setdefault(r["command"] + (f" ({r['note']})" if r.get("note") else ""), []).append(r["model"])
+        if r.get("command") and r["command"] != cmd:
+            runs.setdefault((r["command"], r.get("note", "")), []).append(r["model"])
     val = ", ".join(sorted({str(r["record"].get("val_images") or args.val) for r in results}))
-    saved = "; ".join(f"{', '.join(models)} from `{c.split(' (', 1)[0]}`" + (f" ({c.split(' (', 1)[1]}" if " (" in c
-                      else "") for c, models in runs.items())  # fmt: skip
+    saved = "; ".join(f"{', '.join(models)} from `{c}`" + (f" ({note})" if note else "")
+                      for (c, note), models in runs.items())  # fmt: skip
     saved = f" The saved rows: {saved}." if saved else ""
     body = [f"{SECTION} (int8 remedies, {platform.machine()}, 1 thread)", "",
-            f"Command: `{cmd.strip()}`.{saved} Agreement = top-1 agreement of the int8 file with PyTorch, "
+            f"Command: `{cmd}`.{saved} Agreement = top-1 agreement of the int8 file with PyTorch, "
             f"accuracy drop = fp32 PyTorch accuracy minus the int8 file's, both on {val} held-out training images (the "
             "validation split); size = .tflite bytes; p50 = this host, benchmark runner, 1 thread, 100 runs. "
             "Every remedy runs (unreachable min_agreement) and each row is the model that remedy produced; "
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-quant-"))
     results: list[dict[str, Any]] = [json.loads(p.read_text()) for p in args.from_result]
     models = args.models if args.models is not None else ([] if args.from_result else [*ZOO, *HOSTILE])
-    cmd = ("python -m bench.quantization " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
+    cmd = _command(argv)
     if results and not models:
         _report(results, args, argv)
     try:
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             if (r := _bench_model(name, args, work)) is not None:
                 results = [x for x in results if x["model"] != name] + [r]
                 if not args.no_write:
-                    _save({**r, "command": cmd}, args.results, cmd)
+                    _save({**r, "command": cmd}, args.results)
                 _report(results, args, argv)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -256,6 +256,8 @@ def test_outlier_images_are_trimmed_from_the_calibration_pool() -> None:
     assert ext[trimmed.keep].max() < ext.max() / 10
     none = trim_outliers(model, x, fraction=0.01, max_share=0.0)  # nothing may go
     assert none.dropped == 0 and len(none.keep) == 200
+    bare = trim_outliers(nn.Linear(144, 3).eval(), x.flatten(1))  # no submodule: nothing to rank by, all kept
+    assert bare.dropped == 0 and len(bare.keep) == 200
 
 
 def test_max_accuracy_drop_keeps_the_remedies_going(planted: dict, data: dict[str, ImageSet], tmp_path: Path) -> None:

@@ -15,6 +15,11 @@ ROW_NAME = "int8 agreement (val)"
 DROP_ROW = "int8 accuracy drop (val)"
 
 
+def drop_within(drop: float, limit: float) -> bool:
+    """A float-minus-int8 accuracy drop within `quantize.max_accuracy_drop` (rounding slack 1e-9)."""
+    return drop <= limit + 1e-9
+
+
 def quant_budget_rows(quantization: Mapping[str, Any] | None, shipped: str) -> list[dict[str, Any]]:
     """The row for the convert stage's `quantization` record; none when int8 is not shipped."""
     if not quantization or shipped != "int8":
@@ -27,7 +32,7 @@ def quant_budget_rows(quantization: Mapping[str, Any] | None, shipped: str) -> l
     max_drop, drop = quantization.get("max_accuracy_drop"), quantization.get("accuracy_drop")
     if max_drop is not None and drop is not None:
         rows.append({"name": DROP_ROW, "limit": float(max_drop), "value": round(float(drop), 4),
-                     "status": "met" if float(drop) <= float(max_drop) + 1e-9 else "missed",
+                     "status": "met" if drop_within(float(drop), float(max_drop)) else "missed",
                      "note": f"at most; float minus int8 validation accuracy on {quantization['val_images']} "
                              f"validation images after {quantization['shipped']}"})  # fmt: skip
     return rows

@@ -28,12 +28,12 @@ BATCH = 64
 class Trimmed:
     keep: np.ndarray  # indices of the images kept, ascending
     dropped: int
-    tensors: int  # activation tensors looked at
 
 
 def per_image_extremes(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     """[images, tensors]: each image's largest |activation| in each module output (leaf or not)."""
     cols: list[list[np.ndarray]] = []
+    mods = [m for m in model.modules() if m is not model]
     for start in range(0, len(x), BATCH):
         seen: list[np.ndarray] = []
 
@@ -42,24 +42,24 @@ def per_image_extremes(model: nn.Module, x: torch.Tensor) -> np.ndarray:
                 seen.append(out.detach().abs().flatten(1).amax(1).float().numpy() if out.dim() > 1
                             else out.detach().abs().float().numpy())  # fmt: skip
 
-        mods = [m for m in model.modules() if m is not model]
         run_hooked(model, x[start : start + BATCH], [m.register_forward_hook(hook) for m in mods])
         cols.append(seen)
-    widths = {len(c) for c in cols}
-    if len(widths) != 1:  # modules called a varying number of times: compare only what every batch has
-        n = min(widths)
-        cols = [c[:n] for c in cols]
-    return np.stack([np.concatenate([c[t] for c in cols]) for t in range(len(cols[0]))], axis=1)
+    width = min((len(c) for c in cols), default=0)  # modules called a varying number of times: what all have
+    if width == 0:  # no submodule gave a tensor (or no images): nothing to rank the images by
+        return np.zeros((len(x), 0), dtype=np.float32)
+    return np.stack([np.concatenate([c[t] for c in cols]) for t in range(width)], axis=1)
 
 
 def trim_outliers(model: nn.Module, x: torch.Tensor, *, fraction: float = 0.01, max_share: float = 0.2) -> Trimmed:
     """The images to calibrate on once the ones setting each tensor's extreme range are dropped (see above)."""
     ext = per_image_extremes(model, x)
     n = len(ext)
+    if ext.shape[1] == 0 or n == 0:
+        return Trimmed(np.arange(n), 0)
     q = np.quantile(ext, 1.0 - fraction, axis=0)
     score = (ext / np.maximum(q, 1e-12)).max(axis=1)  # > 1: beyond some tensor's quantile
     order = np.argsort(-score, kind="stable")
     limit = int(max_share * n)
     drop = [int(i) for i in order[:limit] if score[i] > 1.0]
     keep = np.setdiff1d(np.arange(n), np.asarray(drop, dtype=np.int64))
-    return Trimmed(keep, len(drop), ext.shape[1])
+    return Trimmed(keep, len(drop))

@@ -38,6 +38,7 @@ from torch import nn
 
 from pipeline.data.imageset import ImageSet
 from pipeline.models.spec import ModelSpec
+from pipeline.quantize.budget import drop_within
 from pipeline.quantize.calibset import trim_outliers
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def meets(c: Candidate, job: RemedyJob, ref: _Ref) -> bool:
     if c.agreement < job.min_agreement:
         return False
     drop = drop_of(c, ref)
-    return job.max_accuracy_drop is None or drop is None or drop <= job.max_accuracy_drop + 1e-9
+    return job.max_accuracy_drop is None or drop is None or drop_within(drop, job.max_accuracy_drop)
 
 
 def _better(a: Candidate, b: Candidate, job: RemedyJob, ref: _Ref) -> bool:

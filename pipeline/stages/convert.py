@@ -63,7 +63,7 @@ class QuantizeConvertStage(ConvertStage):
         return {**super().config(ctx), "min_agreement": q.min_agreement, "remedies": list(q.remedies),
                 "max_accuracy_drop": q.max_accuracy_drop,
                 "max_float_ops": q.max_float_ops, "qat_steps": q.qat_steps, "remedy_images": q.remedy_images,
-                "val": desc["val"], "train": desc["train"], "seed": ctx.req.seed, "remedies_version": 1}  # fmt: skip
+                "val": desc["val"], "train": desc["train"], "seed": ctx.req.seed, "remedies_version": 2}  # fmt: skip
 
     def run(self, ctx: Context, out: Path) -> QuantizedConvertResult:
         base = super().run(ctx, out)
