@@ -15,7 +15,7 @@ import torch
 from pipeline.data.imageset import ImageSet
 from pipeline.data.sources import DataPlan, split_validation
 from pipeline.errors import TargetConfigError
-from pipeline.pruning.calibrate import evaluate, recalibrate_bn
+from pipeline.pruning.calibrate import evaluate, pseudo_labelled, recalibrate_bn
 from pipeline.pruning.channels import prune_to_target
 from pipeline.pruning.sensitivity import allocate, level_counts, measure_sensitivity
 from pipeline.targets import load_target
@@ -120,6 +120,25 @@ def test_level_counts_honour_the_multiple_and_the_floor() -> None:
     assert level_counts(32, (0.25, 0.5, 0.75), multiple=8, max_ratio=0.8) == [24, 16, 8]
     assert level_counts(32, (0.25, 0.5, 0.75, 0.9), multiple=8, max_ratio=0.5) == [24, 16]
     assert all(c % 4 == 0 for c in level_counts(100, (0.1, 0.3, 0.6), multiple=4, max_ratio=0.8))
+
+
+def test_unlabelled_batches_are_scored_against_the_reference_computed_once() -> None:
+    """Unlabelled validation batches (a photo set): the reference model's answers are taken once, and scoring
+    against them is exactly what scoring against the reference model itself gives; labelled batches keep
+    their labels."""
+    torch.manual_seed(0)
+    ref, other = tiny_resnet(0), tiny_resnet(1)
+    images = [torch.randn(16, 1, 28, 28) for _ in range(3)]
+    unlabelled = [(x, None) for x in images]
+    labelled = pseudo_labelled(unlabelled, ref)
+    assert all(y is not None and y.dtype == torch.int64 for _, y in labelled)
+    assert [torch.equal(y, ref.eval()(x).argmax(1)) for x, y in labelled] == [True] * 3
+    assert evaluate(other, labelled) == pytest.approx(evaluate(other, unlabelled, reference=ref))
+    assert evaluate(ref, labelled)[1] == 1.0
+    truth = [(x, torch.zeros(16, dtype=torch.int64)) for x in images]
+    assert all(y is t for (_, y), (_, t) in zip(pseudo_labelled(truth, ref), truth, strict=True))
+    with pytest.raises(ValueError, match="reference"):
+        evaluate(other, unlabelled)
 
 
 @pytest.mark.slow

@@ -68,6 +68,20 @@ def _placed(device: torch.device | str | None, *models: nn.Module | None) -> Ite
 
 
 @torch.no_grad()
+def pseudo_labelled(batches: Sequence[Batch], reference: nn.Module, *, device: torch.device | str | None = None
+                    ) -> list[Batch]:  # fmt: skip
+    """`batches` with each unlabelled one labelled by `reference`'s top-1 (computed once, on the CPU beside the
+    images): `evaluate` then scores agreement without running the reference again for every model it scores.
+    Labelled batches are kept as they are."""
+    out: list[Batch] = []
+    with _placed(device, reference) as dev:
+        reference.eval()
+        for x, y in batches:
+            out.append((x, y if y is not None else reference(_on(x, dev)).argmax(1).to(x.device)))
+    return out
+
+
+@torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Sequence[Batch], *, device: torch.device | str | None = None
                    ) -> nn.Module:  # fmt: skip
     """Re-estimate every BatchNorm's running mean and variance on `batches` (a cumulative average over all of

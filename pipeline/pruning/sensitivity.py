@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PruningError
-from pipeline.pruning.calibrate import Batch, evaluate, recalibrate_bn
+from pipeline.pruning.calibrate import Batch, evaluate, pseudo_labelled, recalibrate_bn
 from pipeline.pruning.channels import (
     PruneResult,
     count_macs_params,
@@ -63,8 +63,8 @@ def measure_sensitivity(
     `part` (i, n): only every n-th (group, level) measurement from the i-th (one rank's share; `merge_parts`
     puts the shares back together)."""
     model = model.eval()
-    reference = model if val and val[0][1] is None else None
-    base_loss, base_acc = evaluate(model, val, reference=reference)
+    val = pseudo_labelled(val, model)  # unlabelled: agreement with the unpruned model, its answers computed once
+    base_loss, base_acc = evaluate(model, val)
     macs0, params0 = count_macs_params(model, example)
     groups = prunable_groups(model, example, keep_layers=cfg.keep_layers)
     todo = {g: level_counts(n, cfg.sensitivity.levels, multiple=cfg.channel_multiple, max_ratio=cfg.max_layer_ratio)
@@ -81,7 +81,7 @@ def measure_sensitivity(
                                    keep_layers=cfg.keep_layers, batches=val, groups=groups)  # fmt: skip
             if cfg.recalibrate_bn:
                 recalibrate_bn(pruned, bn)
-            loss, acc = evaluate(pruned, val, reference=reference)
+            loss, acc = evaluate(pruned, val)
             macs, params = count_macs_params(pruned, example)
             rows.append({"keep": keep, "loss": round(loss, 6), "accuracy": round(acc, 6), "macs": macs,
                          "params": params})  # fmt: skip
@@ -156,8 +156,8 @@ class _Pruner:
 
     def __init__(self, model: nn.Module, example: torch.Tensor, cfg: Pruning, val: Sequence[Batch],
                  bn: Sequence[Batch]) -> None:  # fmt: skip
-        self.model, self.example, self.cfg, self.val, self.bn = model, example, cfg, val, bn
-        self.reference = model if val and val[0][1] is None else None
+        self.model, self.example, self.cfg, self.bn = model, example, cfg, bn
+        self.val = pseudo_labelled(val, model)  # unlabelled: the unpruned model's answers, computed once
         self.trials = 0
         self.groups = prunable_groups(model, example, keep_layers=cfg.keep_layers)
         self.metric = "params" if cfg.target.metric == "params" else "macs"
@@ -173,7 +173,7 @@ class _Pruner:
         pruned, _, _, value = self.prune(plan)
         if self.cfg.recalibrate_bn:
             recalibrate_bn(pruned, self.bn)
-        loss, _ = evaluate(pruned, self.val, reference=self.reference)
+        loss, _ = evaluate(pruned, self.val)
         self.trials += 1
         return pruned, loss, value
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import operator
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ TEMPERATURE = 2.0
 CE_WEIGHT = 0.0  # the goal is agreement with the float model: pure distillation (labels not needed)
 FREEZE_AT = 0.6
 EMA = 0.05
+SCHEDULE = "constant"  # constant | cosine (5% linear warm-up, then cosine decay to 0)
 
 
 class ActQuant(nn.Module):
@@ -166,6 +168,16 @@ def _without(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """The learning rate of one QAT step (SCHEDULE)."""
+    if SCHEDULE == "constant":
+        return lr
+    warm = max(1, steps // 20)
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
 def _train(gm: nn.Module, teacher: nn.Module, quants: list[ActQuant], data: tuple, calib: torch.Tensor, *,
            steps: int, lr: float, batch: int, seed: int) -> float:  # fmt: skip
     x, y = data
@@ -174,6 +186,8 @@ def _train(gm: nn.Module, teacher: nn.Module, quants: list[ActQuant], data: tupl
     loss = torch.tensor(0.0)
     _set_mode(quants, "train")
     for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
         if step == int(FREEZE_AT * steps):
             _observe(gm, quants, calib)
             _set_mode(quants, "frozen")

@@ -109,7 +109,11 @@ class _Keeper:
 
     def __init__(self, model: nn.Module, val: Sequence[Any], teacher: nn.Module, every: int,
                  device: torch.device) -> None:  # fmt: skip
-        self.val, self.teacher, self.every, self.device = val, teacher, every, device
+        from pipeline.pruning.calibrate import pseudo_labelled
+
+        # unlabelled batches: scored as agreement with the teacher, whose answers are computed once here
+        self.val = pseudo_labelled(val, teacher, device=device) if val else val
+        self.teacher, self.every, self.device = teacher, every, device
         self.best: tuple[float, float] | None = None
         self.state: dict[str, torch.Tensor] | None = None
         self.step: int | None = None
@@ -123,8 +127,7 @@ class _Keeper:
         from pipeline.pruning.calibrate import evaluate
 
         start = time.perf_counter()
-        loss, acc = evaluate(model, self.val, reference=self.teacher if self.val[0][1] is None else None,
-                             device=self.device)  # fmt: skip
+        loss, acc = evaluate(model, self.val, device=self.device)
         train_mode(model, freeze_bn=self.freeze_bn)
         self.curve.append((step, round(acc, 6)))
         if self.best is None or (acc, -loss) > self.best:
