@@ -11,7 +11,7 @@ Per model (its own checkpoint, Fashion-MNIST; the decisions read the validation 
    - `tp-taylor-global`: Torch-Pruning's global ranking with first-order Taylor importance (gradients on
      validation batches), no channel rounding;
    - `ours`: edgeship's default: sensitivity-measured allocation (NetAdapt path), channel multiple 8,
-     BatchNorm re-estimated;
+     the layers that read pruned channels refitted by least squares (pipeline/pruning/reconstruct.py);
 3. every pruned model gets the same distillation fine-tune (--finetune-steps, early stopping on validation),
    then is converted and scored on the test split (read only here);
 4. each model's files are timed again together in --rounds round-robin passes (median of the per-pass p50s):
@@ -51,7 +51,9 @@ from pipeline.train.distill import finetune_kd
 
 SECTION = "## Pruning methods at equal latency"
 METHODS = {"tp-l2": "plain Torch-Pruning, uniform L2", "tp-taylor-global": "Torch-Pruning global Taylor",
-           "ours": "ours (sensitivity, multiple 8, BN re-estimated)"}  # fmt: skip
+           "ours": "ours (sensitivity, multiple 8, least-squares refit)"}  # fmt: skip
+# results saved before the label was stored with each row: `ours` then re-estimated BatchNorm (no refit)
+LEGACY = {"ours": "ours (sensitivity, multiple 8, BN re-estimated)"}
 log = logging.getLogger("bench.pruning_methods")
 
 
@@ -77,10 +79,11 @@ class Variant:
 def _cfg(method: str, keep: float) -> Pruning:
     target = PruneTarget(metric="macs", keep=min(keep, 1.0))
     if method == "tp-l2":
-        return Pruning(target=target, channel_multiple=1, importance="l2", allocation="uniform", recalibrate_bn=False)
+        return Pruning(target=target, channel_multiple=1, importance="l2", allocation="uniform", recalibrate_bn=False,
+                       reconstruct=False)  # fmt: skip
     if method == "tp-taylor-global":
         return Pruning(target=target, channel_multiple=1, importance="taylor", allocation="uniform",
-                       global_pruning=True, recalibrate_bn=False)  # fmt: skip
+                       global_pruning=True, recalibrate_bn=False, reconstruct=False)  # fmt: skip
     return Pruning(target=target, channel_multiple=8, importance="l2", allocation="sensitivity")
 
 
@@ -182,6 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "cores": len(os.sched_getaffinity(0)), "rounds": args.rounds, "finetune_steps": args.finetune_steps,
                   "batch_size": args.batch_size,
                   "variants": [{**{k: getattr(v, k) for k in keys}, "tflite": str(v.tflite),
+                                "label": METHODS.get(v.method, "unpruned"),
                                 "measured_ms": v.measured_ms} for v in variants]}  # fmt: skip
         write_json_atomic(REPO / "runs" / "bench-methods" / f"result-{'-'.join(args.models)}.json", result)
     return result
@@ -202,7 +206,7 @@ def table(r: dict[str, Any]) -> tuple[list[str], list[str]]:
         plain = by.get((v["model"], "tp-l2", v["level"]))
         vs = f"{100 * (v['accuracy'] - plain['accuracy']):+.2f}" if plain and v["method"] != "tp-l2" else "-"
         level = "-" if v["level"] is None else f"{v['level']:g}"
-        name = METHODS.get(v["method"], "unpruned")
+        name = v.get("label") or LEGACY.get(v["method"]) or METHODS.get(v["method"], "unpruned")
         x = v["measured_ms"] / un["measured_ms"]
         rows.append(f"| {v['model']} | {level} | {name} | {v['macs'] / un['macs']:.3f} | {v['measured_ms']:.4f} "
                     f"| {x:.3f} | {100 * v['accuracy']:.2f} | {drop:.2f} | {vs} |")  # fmt: skip

@@ -120,7 +120,11 @@ class Pruning(_Frozen):
     sensitivity: Sensitivity = Sensitivity()
     keep_layers: tuple[str, ...] = ()
     max_layer_ratio: float = Field(default=0.8, gt=0, lt=1)
-    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on training images after pruning
+    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on training images after pruning (trials)
+    # refit the layers that read pruned channels by least squares against the unpruned model's outputs, on
+    # training images, before fine-tuning (pipeline/pruning/reconstruct.py); their BatchNorm statistics are then
+    # the unpruned ones, so recalibrate_bn applies only to the trials (sensitivity, the NetAdapt path)
+    reconstruct: bool = True
     steps: int = Field(default=1, ge=1, le=20)  # iterative: prune -> re-estimate BN -> short distillation, N times
     step_finetune_steps: int = Field(default=100, ge=0, le=100_000)  # distillation steps between iterative steps
     search: Search = Search()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline.errors import PruningError
 
@@ -246,6 +247,31 @@ def prune_to_plan(
     return _step(pruned, example, importance, keep_layers, batches, ratio_dict=ratio_dict)
 
 
+KEPT = "_edgeship_kept_outputs"  # attribute of a pruned model: {layer: output channels kept, in the unpruned one}
+
+
+def _width(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    return layer.num_features if isinstance(layer, _BatchNorm) else layer.out_channels
+
+
+def kept_outputs(pruned: nn.Module) -> dict[str, torch.Tensor]:
+    """For each conv/linear/BatchNorm layer of `pruned` that lost output channels, the indices it kept in the
+    layer of the model it was pruned from (through every pruning step since: they compose). Empty when unpruned."""
+    return dict(getattr(pruned, KEPT, {}))
+
+
+def _note_kept(pruned: nn.Module, before: Mapping[str, int], removed: Mapping[str, Sequence[int]]) -> None:
+    """Compose this step's removed channels with those the model had already lost."""
+    kept = kept_outputs(pruned)
+    for name, gone in removed.items():
+        drop = set(gone)
+        here = torch.tensor([i for i in range(before[name]) if i not in drop], dtype=torch.long)
+        kept[name] = kept[name][here] if name in kept else here
+    object.__setattr__(pruned, KEPT, kept)
+
+
 def prune_globally(
     model: nn.Module, example: torch.Tensor, ratio: float, cfg: Pruning, *, batches: Sequence[Any] = ()
 ) -> nn.Module:
@@ -262,7 +288,7 @@ def _step(pruned: nn.Module, example: torch.Tensor, importance: str, keep_layers
     pruner = _pruner(pruned, example, importance=imp, keep_layers=keep_layers, **pruner_args)
     try:
         _gradients(pruned, imp, importance, batches)
-        pruner.step()
+        _recorded_step(pruner, pruned)
         pruned.zero_grad(set_to_none=True)
         with torch.no_grad():
             pruned(example)
@@ -271,6 +297,21 @@ def _step(pruned: nn.Module, example: torch.Tensor, importance: str, keep_layers
     except Exception as exc:
         raise PruningError(_failure_message(pruned, example, exc)) from exc
     return pruned.eval()
+
+
+def _recorded_step(pruner: tp.pruner.MetaPruner, pruned: nn.Module) -> None:
+    """`pruner.step()`, noting in the model the output channels each conv/linear/BatchNorm layer keeps
+    (`kept_outputs`; each layer's output dimension belongs to one group only: indices from before this step)."""
+    layers = {m: n for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d | nn.Linear | _BatchNorm)}
+    before = {n: _width(m) for m, n in layers.items()}
+    removed: dict[str, list[int]] = {}
+    for group in pruner.step(interactive=True):
+        for dep, idxs in group:
+            layer = dep.target.module
+            if layer in layers and pruner.DG.is_out_channel_pruning_fn(dep.handler):
+                removed[layers[layer]] = sorted(int(getattr(i, "idx", i)) for i in idxs)
+        group.prune()
+    _note_kept(pruned, before, removed)
 
 
 def _failure_message(pruned: nn.Module, example: torch.Tensor, exc: Exception) -> str:

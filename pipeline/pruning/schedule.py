@@ -1,5 +1,6 @@
 """How the prune stage gets from the unpruned model to the pruned one: in one step, in `pruning.steps`
-iterative steps (prune -> re-estimate BatchNorm -> short distillation, repeated), or by the accuracy search.
+iterative steps (prune -> refit or re-estimate BatchNorm -> short distillation, repeated), or by the accuracy
+search.
 
 `Planner` prunes the unpruned model (or an already pruned descendant of it) to a share of its MACs/params with
 the profile's allocation: `sensitivity` follows the measured NetAdapt path (pipeline/pruning/sensitivity.py),
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from pipeline.errors import PruningError
-from pipeline.pruning.calibrate import Batch, recalibrate_bn
+from pipeline.pruning.calibrate import Batch
 from pipeline.pruning.channels import PruneResult, count_macs_params, layer_channels, prune_to_plan, prune_to_target
+from pipeline.pruning.reconstruct import recover
 
 if TYPE_CHECKING:
     from pipeline.targets import Pruning
@@ -35,7 +37,8 @@ def _with_keep(cfg: Pruning, keep: float) -> Pruning:
 
 
 class Planner:
-    """Prunes to a share `keep` of the ORIGINAL model's MACs (or params), BatchNorm re-estimated."""
+    """Prunes to a share `keep` of the ORIGINAL model's MACs (or params), then recovers (`recover`: the
+    least-squares refit, or BatchNorm re-estimated)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, cfg: Pruning, *, val: Sequence[Batch],
                  bn: Sequence[Batch], sens: Mapping[str, Any] | None) -> None:  # fmt: skip
@@ -77,8 +80,7 @@ class Planner:
             now = macs if self.metric == "macs" else params
             pruned = prune_to_target(current, self.example, _with_keep(cfg, keep * self.base / now),
                                      batches=self.val).model  # fmt: skip
-        if cfg.recalibrate_bn:
-            recalibrate_bn(pruned, self.bn)
+        recover(self.model, pruned, cfg, self.example, self.bn)
         return pruned
 
     def result(self, pruned: nn.Module, keep_target: float) -> PruneResult:
@@ -110,8 +112,8 @@ def prune_iteratively(
     final_plan: Mapping[str, int] | None = None,
 ) -> tuple[PruneResult, list[dict[str, Any]]]:
     """`steps` rounds from the original to `keep`: each prunes to the next share (even steps in MACs), then
-    re-estimates BatchNorm, and all but the last are distilled for `step_finetune` steps (the fine-tune stage
-    distils the last). `final_plan`: the sensitivity allocation's plan for the last step."""
+    recovers (refit, or BatchNorm re-estimated), and all but the last are distilled for `step_finetune` steps
+    (the fine-tune stage distils the last). `final_plan`: the sensitivity allocation's plan for the last step."""
     current: nn.Module = copy.deepcopy(planner.model)
     rows = []
     for i in range(1, steps + 1):
@@ -119,8 +121,7 @@ def prune_iteratively(
         if i == steps and final_plan is not None:
             current = prune_to_plan(current, planner.example, final_plan, importance=planner.cfg.importance,
                                     keep_layers=planner.cfg.keep_layers, batches=planner.val)  # fmt: skip
-            if planner.cfg.recalibrate_bn:
-                recalibrate_bn(current, planner.bn)
+            recover(planner.model, current, planner.cfg, planner.example, planner.bn)
         else:
             current = planner.prune(current, share)
         step = planner.result(current, share)

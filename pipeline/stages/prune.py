@@ -57,7 +57,7 @@ class PruneOutcome:
 class PruneStage(Stage[PruneOutcome]):
     name = "prune"
     result = PruneOutcome
-    version = 4  # accuracy search (bisection first, path on demand), iterative steps
+    version = 5  # least-squares refit after pruning (pruning.reconstruct)
 
     def inputs(self, ctx: Context) -> Mapping[str, Path]:
         out = {"model": ctx.get(BASELINE).model_path}
@@ -83,7 +83,8 @@ class PruneStage(Stage[PruneOutcome]):
             return self._run(ctx, out)
 
     def _run(self, ctx: Context, out: Path) -> PruneOutcome:
-        from pipeline.pruning.calibrate import evaluate, recalibrate_bn
+        from pipeline.pruning.calibrate import evaluate
+        from pipeline.pruning.reconstruct import recover
 
         model = ctx.load(ctx.get(BASELINE).model_path)
         p = ctx.target.pruning
@@ -93,13 +94,13 @@ class PruneStage(Stage[PruneOutcome]):
         val, bn = decision_batches(ctx)
         latency = None
         if p.target.metric == "accuracy":
-            result, allocation = _search(ctx, model, val, bn)  # trials are BatchNorm re-estimated
+            result, allocation = _search(ctx, model, val, bn)  # trials are recovered (refit or BatchNorm)
         else:
             result, latency, allocation = self._prune(ctx, model, val)
             if p.steps > 1:
                 result, allocation = _iterate(ctx, model, val, bn, allocation)
-            elif p.recalibrate_bn:
-                recalibrate_bn(result.model, bn)
+            else:
+                allocation["recovery"] = recover(model, result.model, p, ctx.example(), bn)
         _, acc = evaluate(result.model, val, reference=model if val and val[0][1] is None else None)
         ctx.save(result.model, out / MODEL_FILE, {"stage": "prune", **result.figures()})
         return PruneOutcome(out, True, result.figures(), latency, acc, allocation)
