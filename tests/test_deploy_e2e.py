@@ -179,6 +179,11 @@ def test_figures_are_measured(workspace: dict) -> None:
     assert pruned["macs"] <= 0.5 * base["macs"] and pruned["params"] < base["params"]
     assert base["accuracy_torch"] > 0.6  # a model that learned something from real data
     assert pruned["accuracy_torch"] >= pruned["accuracy_torch_before_finetune"] - 0.02
+    rec = pruned["recovery"]  # the default: the layers reading pruned channels refitted before fine-tuning
+    assert rec["recovery"] == "least-squares refit" and rec["refitted_layers"] >= 1, rec
+    assert 0 <= rec["median_relative_error"] < 1
+    text = (workspace["result"].bundle / "report.md").read_text()
+    assert f"{rec['refitted_layers']} layers refitted by least squares" in text
     v = s["variants"]
     assert v["fp32"]["agreement"] == 1.0 and v["fp32"]["max_abs_diff"] < 1e-3
     assert v["fp16"]["agreement"] >= 0.98

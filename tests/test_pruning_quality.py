@@ -109,6 +109,8 @@ def test_global_pruning_reaches_the_target_with_non_uniform_layers() -> None:
         (("pruning.sensitivity.levels=[1.5]",), "each in (0, 1)"),
         (("finetune.min_steps=-1",), "min_steps"),
         (("finetune.warmup=1.5",), "warmup"),
+        (("pruning.reconstruct=maybe",), "pruning -> reconstruct: Input should be a valid boolean"),
+        (("pruning.reconstruct=1",), "pruning -> reconstruct: Input should be a valid boolean"),
     ],
 )
 def test_bad_pruning_settings_name_the_field(overrides: tuple[str, ...], message: str) -> None:

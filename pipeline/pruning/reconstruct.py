@@ -178,6 +178,12 @@ def reconstruct(unpruned: nn.Module, pruned: nn.Module, kept: Mapping[str, torch
     return errors
 
 
+def recovery_name(cfg: Pruning) -> str:
+    if cfg.reconstruct:
+        return "least-squares refit"
+    return "BatchNorm re-estimated" if cfg.recalibrate_bn else "none"
+
+
 def recover(unpruned: nn.Module, pruned: nn.Module, cfg: Pruning, example: torch.Tensor,
             batches: Sequence[Batch]) -> dict[str, Any]:  # fmt: skip
     """What follows a pruning step, in place: the least-squares refit (`cfg.reconstruct`), else BatchNorm
@@ -187,10 +193,9 @@ def recover(unpruned: nn.Module, pruned: nn.Module, cfg: Pruning, example: torch
     if cfg.reconstruct:
         errors = reconstruct(unpruned, pruned, kept_outputs(pruned), example, batches)
         worst = max(errors, key=errors.__getitem__) if errors else None
-        return {"recovery": "least-squares refit", "refitted_layers": len(errors),
+        return {"recovery": recovery_name(cfg), "refitted_layers": len(errors),
                 "median_relative_error": sorted(errors.values())[len(errors) // 2] if errors else 0.0,
                 "worst_layer": worst, "images": sum(len(b[0]) for b in batches)}  # fmt: skip
     if cfg.recalibrate_bn:
         recalibrate_bn(pruned, batches)
-        return {"recovery": "BatchNorm re-estimated", "images": sum(len(b[0]) for b in batches)}
-    return {"recovery": "none"}
+    return {"recovery": recovery_name(cfg), "images": sum(len(b[0]) for b in batches)}

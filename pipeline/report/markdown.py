@@ -65,7 +65,7 @@ def _pruning(pr: Mapping[str, Any]) -> list[str]:
     if pr["enabled"]:
         lines += [
             f"Pruning target: keep {pr['keep_target']:.0%} of {pr['metric']}; achieved {pr['keep_achieved']:.1%}"
-            f"{_allocation(pr)}. Validation accuracy right after pruning (BatchNorm re-estimated) "
+            f"{_allocation(pr)}. Validation accuracy right after pruning ({_recovery(pr.get('recovery'))}) "
             f"{pct(pr['accuracy_torch_before_finetune'])}; after {pr['finetune_steps']} distillation steps "
             f"({pr['finetune_images']:,} images{_best(pr)}) test accuracy {pct(pr['accuracy_torch'])}.",
             "",
@@ -75,6 +75,16 @@ def _pruning(pr: Mapping[str, Any]) -> list[str]:
             lines += [f"Target not met within 2%: {pr['allocation_note']}.", ""]
         lines += _search(pr.get("search")) + _iterative(pr.get("iterative"))
     return lines
+
+
+def _recovery(rec: Mapping[str, Any] | None) -> str:
+    """How the pruned model was recovered before fine-tuning."""
+    if not rec:
+        return "BatchNorm re-estimated"  # a run cached before pruning.reconstruct existed
+    if "refitted_layers" in rec:
+        return (f"{rec['refitted_layers']} layers refitted by least squares on {rec['images']} training images, "
+                f"median relative output error {rec['median_relative_error']:.3f}")  # fmt: skip
+    return str(rec.get("recovery"))
 
 
 def _finetune_run(ft: Mapping[str, Any] | None) -> list[str]:

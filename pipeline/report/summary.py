@@ -84,6 +84,7 @@ def summarize(ctx: Context) -> dict[str, Any]:
             "allocation_note": (pruned.allocation or {}).get("why_not_within"),
             "search": (pruned.allocation or {}).get("search"),  # metric: accuracy, every trial
             "iterative": (pruned.allocation or {}).get("iterative"),  # pruning.steps > 1, every step
+            "recovery": (pruned.allocation or {}).get("recovery"),  # refit or BatchNorm, before fine-tuning
             "finetune_best_step": tuned.best_step,
             "accuracy_torch": tuned.accuracy,
             "finetune_steps": tuned.steps, "finetune_images": tuned.images_seen,

@@ -84,7 +84,7 @@ class PruneStage(Stage[PruneOutcome]):
 
     def _run(self, ctx: Context, out: Path) -> PruneOutcome:
         from pipeline.pruning.calibrate import evaluate
-        from pipeline.pruning.reconstruct import recover
+        from pipeline.pruning.reconstruct import recover, recovery_name
 
         model = ctx.load(ctx.get(BASELINE).model_path)
         p = ctx.target.pruning
@@ -101,6 +101,7 @@ class PruneStage(Stage[PruneOutcome]):
                 result, allocation = _iterate(ctx, model, val, bn, allocation)
             else:
                 allocation["recovery"] = recover(model, result.model, p, ctx.example(), bn)
+        allocation.setdefault("recovery", {"recovery": recovery_name(p)})  # search, steps: each trial/step
         _, acc = evaluate(result.model, val, reference=model if val and val[0][1] is None else None)
         ctx.save(result.model, out / MODEL_FILE, {"stage": "prune", **result.figures()})
         return PruneOutcome(out, True, result.figures(), latency, acc, allocation)
