@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.pruning.calibrate import Batch, recalibrate_bn
+from pipeline.pruning.calibrate import Batch, _on, _placed, recalibrate_bn
 
 if TYPE_CHECKING:
     from pipeline.targets import Pruning
@@ -79,7 +79,7 @@ def _features(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
         rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
     if layer.bias is not None:
-        rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], 1)
+        rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], 1)
     return rows
 
 
@@ -114,23 +114,24 @@ def refit_layer(unpruned: nn.Module, pruned: nn.Module, name: str, kept_out: tor
     w0 = after.weight.reshape(after.weight.shape[0], -1).double()
     if after.bias is not None:
         w0 = torch.cat([w0, after.bias.double()[:, None]], 1)
-    xtx = torch.zeros(w0.shape[1], w0.shape[1], dtype=torch.float64)
-    xty = torch.zeros(w0.shape[1], w0.shape[0], dtype=torch.float64)
+    dev = w0.device
+    xtx = torch.zeros(w0.shape[1], w0.shape[1], dtype=torch.float64, device=dev)
+    xty = torch.zeros(w0.shape[1], w0.shape[0], dtype=torch.float64, device=dev)
     yty = 0.0
     g = torch.Generator().manual_seed(0)
     for x, _ in batches:
-        rows = _features(after, _capture(pruned, after, x, output=False))
-        y = _targets(_capture(unpruned, before, x, output=True), linear)
+        rows = _features(after, _capture(pruned, after, _on(x, dev), output=False))
+        y = _targets(_capture(unpruned, before, _on(x, dev), output=True), linear)
         if kept_out is not None:
-            y = y[:, kept_out]
+            y = y[:, kept_out.to(dev)]
         if len(rows) > ROWS:  # the same positions in both (rows and targets line up one to one)
-            pick = torch.randperm(len(rows), generator=g)[:ROWS]
+            pick = torch.randperm(len(rows), generator=g)[:ROWS].to(dev)
             rows, y = rows[pick], y[pick]
         xtx += (rows.T @ rows).double()  # float32 products (fast), summed over batches in float64
         xty += (rows.T @ y).double()
         yty += float((y.double() ** 2).sum())
     lam = ridge * float(xtx.diagonal().mean()) + 1e-12
-    eye = torch.eye(len(xtx), dtype=torch.float64)
+    eye = torch.eye(len(xtx), dtype=torch.float64, device=dev)
     w = torch.linalg.solve(xtx + lam * eye, xty + lam * w0.T).T
     # residual from the normal equations: ||Y||^2 - 2 tr(W X^T Y) + tr(W X^T X W^T)
     err = yty - 2 * float((w.T * xty).sum()) + float((w @ xtx * w).sum())
@@ -170,9 +171,11 @@ def reconstruct(unpruned: nn.Module, pruned: nn.Module, kept: Mapping[str, torch
     restore_bn_stats(unpruned, pruned, kept)
     modules = dict(unpruned.named_modules())
     errors = {}
-    for name in forward_order(pruned, example):
-        if refittable(modules[name], pruned.get_submodule(name)):
-            errors[name] = round(refit_layer(unpruned, pruned, name, kept.get(name), batches, ridge=ridge), 6)
+    order = forward_order(pruned, example)
+    with _placed(None, unpruned, pruned):  # on the decision device when one is set (`decisions_on`)
+        for name in order:
+            if refittable(modules[name], pruned.get_submodule(name)):
+                errors[name] = round(refit_layer(unpruned, pruned, name, kept.get(name), batches, ridge=ridge), 6)
     log.info("refitted %d layers by least squares (median relative error %.3f)", len(errors),
              sorted(errors.values())[len(errors) // 2] if errors else 0.0)  # fmt: skip
     return errors
