@@ -195,6 +195,28 @@ def test_finetune_runs_at_least_min_steps_and_keeps_the_best_validation_checkpoi
     assert evaluate(result.model, val)[1] == pytest.approx(curve[result.best_step], abs=1e-6)
 
 
+def test_a_fraction_of_an_epoch_that_rounds_to_no_step_still_trains_min_steps_and_epochs_0_trains_none() -> None:
+    """494 photo crops at batch 32 and epochs 0.01 round to 0 steps: that once skipped fine-tuning entirely."""
+    from pipeline.targets import Finetune
+    from pipeline.train.distill import finetune_kd
+
+    teacher = tiny_resnet(seed=1)
+    student = prune_to_target(teacher, EXAMPLE, prune_cfg(keep=0.5, channel_multiple=4)).model
+    data = _images(40)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    short = finetune_kd(student, teacher, SPEC, data, Finetune(epochs=0.01, batch_size=32, min_steps=5,
+                                                               early_stopping=False))  # fmt: skip
+    assert short.steps == 5 and short.images_seen >= 5 * 8
+    moved = [k for k, v in short.model.state_dict().items() if v.dtype.is_floating_point
+             and not torch.equal(v, before[k])]  # fmt: skip
+    assert moved  # the weights were trained
+    floor = finetune_kd(student, teacher, SPEC, data, Finetune(epochs=0.01, batch_size=32, min_steps=0,
+                                                               early_stopping=False))  # fmt: skip
+    assert floor.steps == 1  # no floor set: still one step, never a silent no-op
+    none = finetune_kd(student, teacher, SPEC, data, Finetune(epochs=0, batch_size=32, min_steps=50))
+    assert none.steps == 0 and none.images_seen == 0
+    assert all(torch.equal(v, before[k]) for k, v in none.model.state_dict().items())
+
 def test_the_report_plots_the_sensitivity_per_layer() -> None:
     from pipeline.report import figures
     from pipeline.report.html import render_html

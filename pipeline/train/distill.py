@@ -230,10 +230,10 @@ def finetune_kd(
     dev = resolve_device(device or cfg.device, cfg.amp, local_rank=world.local_rank)
     student, teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     data = train.subset(cfg.max_train_images, seed=seed)
-    total = max(0, round(cfg.epochs * math.ceil(len(data) / cfg.batch_size)))
-    if total == 0:
+    if cfg.epochs == 0 or len(data) == 0:  # epochs: 0 is the way to ask for no fine-tuning
         return FinetuneResult(student.eval(), 0, 0, float("nan"), device=dev.describe(), world_size=world.size)
-    total = max(total, cfg.min_steps)
+    # a fraction of an epoch that rounds to no step still trains: min_steps, and never fewer than one step
+    total = max(1, round(cfg.epochs * math.ceil(len(data) / cfg.batch_size)), cfg.min_steps)
     per_rank = math.ceil(cfg.batch_size / world.size)
     c, h, w = spec.input_shape
     photos = getattr(spec, "augment", "shift") == "rgb"
