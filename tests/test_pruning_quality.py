@@ -217,6 +217,7 @@ def test_a_fraction_of_an_epoch_that_rounds_to_no_step_still_trains_min_steps_an
     assert none.steps == 0 and none.images_seen == 0
     assert all(torch.equal(v, before[k]) for k, v in none.model.state_dict().items())
 
+
 def test_the_report_plots_the_sensitivity_per_layer() -> None:
     from pipeline.report import figures
     from pipeline.report.html import render_html
