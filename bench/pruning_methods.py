@@ -47,11 +47,11 @@ from pipeline.pruning.channels import PruneResult, count_macs_params, prune_to_t
 from pipeline.pruning.schedule import Planner
 from pipeline.pruning.sensitivity import measure_sensitivity
 from pipeline.targets import Finetune, PruneTarget, Pruning
-from pipeline.train.distill import finetune_kd
+from pipeline.train.distill import FinetuneResult, finetune_kd
 
 SECTION = "## Pruning methods at equal latency"
 METHODS = {"tp-l2": "plain Torch-Pruning, uniform L2", "tp-taylor-global": "Torch-Pruning global Taylor",
-           "ours": "ours (sensitivity, multiple 8, least-squares refit)"}  # fmt: skip
+           "ours": "ours (sensitivity, multiple 8, least-squares refit, uniform guard)"}  # fmt: skip
 # results saved before the label was stored with each row: `ours` then re-estimated BatchNorm (no refit)
 LEGACY = {"ours": "ours (sensitivity, multiple 8, BN re-estimated)"}
 log = logging.getLogger("bench.pruning_methods")
@@ -66,7 +66,9 @@ class Variant:
     macs: int
     keep: float = 1.0
     accuracy: float | None = None
-    search: list[dict[str, float]] = field(default_factory=list)  # (keep, measured ratio) tried
+    search: list[dict[str, Any]] = field(default_factory=list)  # (keep, measured ratio) tried
+    allocation: str | None = None  # ours: which cut the uniform guard kept (sensitivity or uniform)
+    val_curve: list[list[float]] = field(default_factory=list)  # fine-tuning: (step, validation accuracy)
     p50s: list[float] = field(default_factory=list)
 
     @property
@@ -102,27 +104,33 @@ class Methods:
 
 
 def _at_latency(methods: Methods, method: str, level: float, full_ms: float, spec, data, work: Path,
-                settings: BenchSettings, iters: int) -> tuple[PruneResult, list[dict[str, float]]]:  # fmt: skip
-    """The pruned model whose converted fp32 file measures closest to `level` x the unpruned p50."""
+                settings: BenchSettings, iters: int) -> tuple[PruneResult, list[dict[str, Any]]]:  # fmt: skip
+    """The pruned model whose converted fp32 file measures closest to `level` x the unpruned p50 (its probe
+    marked `chosen`)."""
     keep, tried, best = level, [], None
     for i in range(iters):
         result = methods.prune(method, keep)
         path = _convert(result.model, spec, work / f"probe-{method}-{level:g}-{i}", "fp32", data)
         ratio = profile_local(path, settings)["latency_ms"]["p50"] / full_ms
         tried.append({"keep": round(keep, 4), "macs_kept": round(result.keep_achieved, 4), "ratio": round(ratio, 4)})
+        if method == "ours" and methods.planner.guards:
+            tried[-1]["guard"] = methods.planner.guards[-1]
         if best is None or abs(ratio - level) < abs(best[1] - level):
-            best = (result, ratio)
+            best = (result, ratio, i)
         if abs(ratio / level - 1) <= 0.04:
             break
         keep = min(0.98, max(0.05, keep * (level / ratio) ** 0.8))  # latency ~ MACs, damped; always pruned
     assert best is not None
+    tried[best[2]]["chosen"] = True
     return best[0], tried
 
 
-def _finetune(student: torch.nn.Module, teacher: torch.nn.Module, spec, data: DataPlan, args, val) -> torch.nn.Module:
+def _finetune(student: torch.nn.Module, teacher: torch.nn.Module, spec, data: DataPlan, args, val) -> FinetuneResult:
     cfg = Finetune(epochs=0.01, batch_size=args.batch_size, min_steps=args.finetune_steps, evaluations=6,
                    max_train_images=args.train_images)  # fmt: skip
-    return finetune_kd(student, teacher, spec, data.train, cfg, seed=0, val=val).model
+    done = finetune_kd(student, teacher, spec, data.train, cfg, seed=0, val=val)
+    assert done.steps >= args.finetune_steps, done.steps  # the fine-tune budget was spent (it once was not)
+    return done
 
 
 def _data(spec, args: argparse.Namespace) -> DataPlan:
@@ -162,9 +170,12 @@ def run_model(name: str, args: argparse.Namespace, settings: BenchSettings) -> l
         for method in args.methods:
             result, tried = _at_latency(methods, method, level, full_ms, spec, data, work, settings,
                                         args.latency_iters)  # fmt: skip
-            tuned = _finetune(result.model, base, spec, data, args, val)
+            done = _finetune(result.model, base, spec, data, args, val)
+            tuned = done.model
             path = _convert(tuned, spec, work / f"{method}-{level:g}", "fp32", data)
-            v = Variant(name, method, level, path, count_macs_params(tuned, ex)[0], result.keep_achieved, search=tried)
+            v = Variant(name, method, level, path, count_macs_params(tuned, ex)[0], result.keep_achieved, search=tried,
+                        allocation=next(t.get("guard", {}).get("chosen") for t in tried if t.get("chosen")),
+                        val_curve=[list(x) for x in done.val_curve])  # fmt: skip
             v.accuracy = _tflite_accuracy(path, "fp32", tuned, spec, data, 1)
             log.info("%s %s @%g: MACs %.3f, accuracy %.4f", name, method, level, v.macs / macs0, v.accuracy)
             out.append(v)
@@ -180,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mine = run_model(name, args, settings)
         _measure_all(mine, settings, args.rounds)  # type: ignore[arg-type]
         variants += mine
-        keys = ("model", "method", "level", "macs", "keep", "accuracy", "search", "p50s")
+        keys = ("model", "method", "level", "macs", "keep", "accuracy", "search", "p50s", "allocation", "val_curve")
         result = {"command": _command(), "seconds": round(time.perf_counter() - t0), "machine": platform.machine(),
                   "cores": len(os.sched_getaffinity(0)), "rounds": args.rounds, "finetune_steps": args.finetune_steps,
                   "batch_size": args.batch_size,
@@ -207,6 +218,8 @@ def table(r: dict[str, Any]) -> tuple[list[str], list[str]]:
         vs = f"{100 * (v['accuracy'] - plain['accuracy']):+.2f}" if plain and v["method"] != "tp-l2" else "-"
         level = "-" if v["level"] is None else f"{v['level']:g}"
         name = v.get("label") or LEGACY.get(v["method"]) or METHODS.get(v["method"], "unpruned")
+        if v.get("allocation") == "uniform":
+            name += ": the uniform cut kept"
         x = v["measured_ms"] / un["measured_ms"]
         rows.append(f"| {v['model']} | {level} | {name} | {v['macs'] / un['macs']:.3f} | {v['measured_ms']:.4f} "
                     f"| {x:.3f} | {100 * v['accuracy']:.2f} | {drop:.2f} | {vs} |")  # fmt: skip

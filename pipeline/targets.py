@@ -117,6 +117,9 @@ class Pruning(_Frozen):
     importance: Literal["l1", "l2", "taylor", "lamp", "bn_scale", "hessian"] = "l2"
     global_pruning: bool = Field(default=False, alias="global")
     allocation: Literal["sensitivity", "uniform"] = "sensitivity"
+    # allocation: sensitivity on a MAC/param target: a uniform cut of the same size is pruned and recovered too,
+    # and the better of the two on the validation split is kept (pipeline/pruning/guard.py)
+    compare_uniform: bool = True
     sensitivity: Sensitivity = Sensitivity()
     keep_layers: tuple[str, ...] = ()
     max_layer_ratio: float = Field(default=0.8, gt=0, lt=1)

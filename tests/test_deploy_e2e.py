@@ -184,6 +184,12 @@ def test_figures_are_measured(workspace: dict) -> None:
     assert 0 <= rec["median_relative_error"] < 1
     text = (workspace["result"].bundle / "report.md").read_text()
     assert f"{rec['refitted_layers']} layers refitted by least squares" in text
+    guard = pruned["uniform_guard"]  # the measured allocation checked against a uniform cut of its size
+    assert guard["chosen"] in ("sensitivity", "uniform") and guard["uniform"]["keep"] <= guard["sensitivity"]["keep"]
+    kept = guard[guard["chosen"]]["val_accuracy"]
+    assert kept >= max(guard["sensitivity"]["val_accuracy"], guard["uniform"]["val_accuracy"])
+    assert kept == pytest.approx(pruned["accuracy_torch_before_finetune"], abs=1e-6)  # the one kept is the one scored
+    assert "a uniform cut of the same size" in text
     v = s["variants"]
     assert v["fp32"]["agreement"] == 1.0 and v["fp32"]["max_abs_diff"] < 1e-3
     assert v["fp16"]["agreement"] >= 0.98

@@ -111,6 +111,7 @@ def test_global_pruning_reaches_the_target_with_non_uniform_layers() -> None:
         (("finetune.warmup=1.5",), "warmup"),
         (("pruning.reconstruct=maybe",), "pruning -> reconstruct: Input should be a valid boolean"),
         (("pruning.reconstruct=1",), "pruning -> reconstruct: Input should be a valid boolean"),
+        (("pruning.compare_uniform=sometimes",), "pruning -> compare_uniform: Input should be a valid boolean"),
     ],
 )
 def test_bad_pruning_settings_name_the_field(overrides: tuple[str, ...], message: str) -> None:

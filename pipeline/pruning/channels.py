@@ -439,3 +439,19 @@ def layer_channels(before: nn.Module, after: nn.Module) -> list[LayerChannels]:
             out_after = a.out_features if isinstance(a, nn.Linear) else a.out_channels
             rows.append(LayerChannels(name, kind, out_before, out_after))
     return rows
+
+
+def conv_channels(model: nn.Module) -> int:
+    return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def describe(original: nn.Module, pruned: nn.Module, example: torch.Tensor, *, metric: Metric, keep_target: float,
+             base: tuple[int, int] | None = None) -> PruneResult:  # fmt: skip
+    """`pruned` described against `original` (`base`: the original's (MACs, params), when already counted)."""
+    macs0, params0 = base or count_macs_params(original, example)
+    macs, params = count_macs_params(pruned, example)
+    value, whole = (macs, macs0) if metric == "macs" else (params, params0)
+    return PruneResult(model=pruned, metric=metric, keep_target=keep_target, keep_achieved=value / whole,
+                       channel_ratio=1 - conv_channels(pruned) / max(conv_channels(original), 1),
+                       macs_before=macs0, macs_after=macs, params_before=params0, params_after=params,
+                       layers=tuple(layer_channels(original, pruned)))  # fmt: skip

@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.errors import PruningError
 from pipeline.pruning.calibrate import Batch
-from pipeline.pruning.channels import PruneResult, count_macs_params, layer_channels, prune_to_plan, prune_to_target
+from pipeline.pruning.channels import PruneResult, count_macs_params, describe, prune_to_plan, prune_to_target
 from pipeline.pruning.reconstruct import recover
 
 if TYPE_CHECKING:
@@ -38,7 +38,8 @@ def _with_keep(cfg: Pruning, keep: float) -> Pruning:
 
 class Planner:
     """Prunes to a share `keep` of the ORIGINAL model's MACs (or params), then recovers (`recover`: the
-    least-squares refit, or BatchNorm re-estimated)."""
+    least-squares refit, or BatchNorm re-estimated). A sensitivity plan pruned from the original is then checked
+    against a uniform cut of the same size (`pruning.compare_uniform`, pipeline/pruning/guard.py)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, cfg: Pruning, *, val: Sequence[Batch],
                  bn: Sequence[Batch], sens: Mapping[str, Any] | None) -> None:  # fmt: skip
@@ -49,6 +50,7 @@ class Planner:
         self.path: list[tuple[float, dict[str, int]]] | None = None  # a path given (the allocation's own steps)
         self.sens = sens
         self._walker: Any = None
+        self.guards: list[dict[str, Any]] = []  # the uniform guard's records, one per prune from the original
 
     def _path(self, down_to: float) -> list[tuple[float, dict[str, int]]]:
         from pipeline.pruning.sensitivity import SensitivityPath
@@ -81,25 +83,22 @@ class Planner:
             pruned = prune_to_target(current, self.example, _with_keep(cfg, keep * self.base / now),
                                      batches=self.val).model  # fmt: skip
         recover(self.model, pruned, cfg, self.example, self.bn)
+        if self.sens is not None and cfg.compare_uniform and current is self.model:
+            from pipeline.pruning.guard import uniform_alternative
+
+            pruned, record = uniform_alternative(self.model, pruned, cfg, self.example, val=self.val, bn=self.bn,
+                                                 base=(self.macs0, self.params0))  # fmt: skip
+            self.guards.append({"keep_target": round(keep, 4), **record})
         return pruned
 
     def result(self, pruned: nn.Module, keep_target: float) -> PruneResult:
         """`pruned` described against the original model."""
-        macs, params = count_macs_params(pruned, self.example)
-        value = macs if self.metric == "macs" else params
-        before, after = _channels(self.model), _channels(pruned)
-        return PruneResult(model=pruned, metric=self.metric, keep_target=keep_target,  # type: ignore[arg-type]
-                           keep_achieved=value / self.base, channel_ratio=1 - after / max(before, 1),
-                           macs_before=self.macs0, macs_after=macs, params_before=self.params0, params_after=params,
-                           layers=tuple(layer_channels(self.model, pruned)))  # fmt: skip
+        return describe(self.model, pruned, self.example, metric=self.metric,  # type: ignore[arg-type]
+                        keep_target=keep_target, base=(self.macs0, self.params0))  # fmt: skip
 
     def at(self, keep: float) -> PruneResult:
         """The original pruned to `keep` in one step (a trial of the accuracy search)."""
         return self.result(self.prune(self.model, keep), keep)
-
-
-def _channels(model: nn.Module) -> int:
-    return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 def prune_iteratively(

@@ -131,7 +131,14 @@ def _iterative(rows: Sequence[Mapping[str, Any]] | None) -> list[str]:
 
 
 def _allocation(pr: Mapping[str, Any]) -> str:
-    method = pr.get("allocation")
+    method, guard = pr.get("allocation"), pr.get("uniform_guard")
+    if method == "sensitivity" and guard:
+        s, u = guard["sensitivity"], guard["uniform"]
+        scores = (f"validation accuracy {pct(s['val_accuracy'])} for the measured allocation, {pct(u['val_accuracy'])}"
+                  f" for a uniform cut of the same size")  # fmt: skip
+        if guard["chosen"] == "uniform":
+            return f", the same share of every layer (uniform guard: {scores})"
+        return f", channels allocated from the measured sensitivity (uniform guard: {scores})"
     return {"sensitivity": ", channels allocated from the measured sensitivity", "uniform": ", the same share of "
             "every layer", "global": ", channels ranked across layers (global)"}.get(method, "")  # fmt: skip
 

@@ -85,6 +85,7 @@ def summarize(ctx: Context) -> dict[str, Any]:
             "search": (pruned.allocation or {}).get("search"),  # metric: accuracy, every trial
             "iterative": (pruned.allocation or {}).get("iterative"),  # pruning.steps > 1, every step
             "recovery": (pruned.allocation or {}).get("recovery"),  # refit or BatchNorm, before fine-tuning
+            "uniform_guard": (pruned.allocation or {}).get("uniform_guard"),  # sensitivity vs a uniform cut
             "finetune_best_step": tuned.best_step,
             "accuracy_torch": tuned.accuracy,
             "finetune_steps": tuned.steps, "finetune_images": tuned.images_seen,

@@ -57,7 +57,7 @@ class PruneOutcome:
 class PruneStage(Stage[PruneOutcome]):
     name = "prune"
     result = PruneOutcome
-    version = 5  # least-squares refit after pruning (pruning.reconstruct)
+    version = 6  # the uniform guard (pruning.compare_uniform)
 
     def inputs(self, ctx: Context) -> Mapping[str, Path]:
         out = {"model": ctx.get(BASELINE).model_path}
@@ -101,6 +101,8 @@ class PruneStage(Stage[PruneOutcome]):
                 result, allocation = _iterate(ctx, model, val, bn, allocation)
             else:
                 allocation["recovery"] = recover(model, result.model, p, ctx.example(), bn)
+                if allocation["method"] == "sensitivity" and p.compare_uniform:
+                    result, allocation["uniform_guard"] = _guard(ctx, model, result, val, bn)
         allocation.setdefault("recovery", {"recovery": recovery_name(p)})  # search, steps: each trial/step
         _, acc = evaluate(result.model, val, reference=model if val and val[0][1] is None else None)
         ctx.save(result.model, out / MODEL_FILE, {"stage": "prune", **result.figures()})
@@ -128,6 +130,20 @@ class PruneStage(Stage[PruneOutcome]):
                               measured_full_ms=measured, sensitivity=sens)  # fmt: skip
         method = "latency table, measured sensitivity" if sens is not None else "latency table"
         return lp.result, lp.figures, {"method": method}
+
+
+def _guard(ctx: Context, model: Any, result: Any, val: list[Any], bn: list[Any]) -> tuple[Any, dict[str, Any]]:
+    """The sensitivity allocation's model, or the uniform cut of its size where that scores better on the
+    validation split (pipeline/pruning/guard.py), described against the unpruned model."""
+    from pipeline.pruning.channels import describe
+    from pipeline.pruning.guard import uniform_alternative
+
+    kept, record = uniform_alternative(model, result.model, ctx.target.pruning, ctx.example(), val=val, bn=bn,
+                                       base=(result.macs_before, result.params_before))  # fmt: skip
+    if kept is result.model:
+        return result, record
+    return describe(model, kept, ctx.example(), metric=result.metric, keep_target=result.keep_target,
+                    base=(result.macs_before, result.params_before)), record  # fmt: skip
 
 
 def _distiller(ctx: Context, teacher: Any) -> Any:
@@ -184,7 +200,9 @@ def _search(ctx: Context, model: Any, val: list[Any], bn: list[Any]) -> tuple[An
                         predict=predict)  # fmt: skip
     result = found.result or planner.result(copy.deepcopy(model), 1.0)
     method = "sensitivity" if sens is not None else ("global" if p.global_pruning else "uniform")
-    return result, {"method": method, "search": found.figures(), "val_images_scored": sum(len(b[0]) for b in scored)}
+    extra = {"uniform_guard_trials": planner.guards} if planner.guards else {}
+    return result, {"method": method, "search": found.figures(), "val_images_scored": sum(len(b[0]) for b in scored),
+                    **extra}  # fmt: skip
 
 
 def _table(ctx: Context) -> tuple[Any, float]:
