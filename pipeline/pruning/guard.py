@@ -56,13 +56,13 @@ def uniform_alternative(
     keep = (macs if metric == "macs" else params) / whole
     ucfg = cfg.model_copy(update={"allocation": "uniform", "global_pruning": False,
                                   "target": PruneTarget(metric=metric, keep=min(1.0, keep))})  # fmt: skip
-    uniform = prune_to_target(unpruned, example, ucfg, batches=val).model
+    cut = prune_to_target(unpruned, example, ucfg, batches=val)  # its keep_achieved: against the same counts
+    uniform = cut.model
     recover(unpruned, uniform, cfg, example, bn)
     reference = unpruned if val and val[0][1] is None else None
-    u_macs, u_params = count_macs_params(uniform, example)
     record = {
         "sensitivity": _score(allocated, val, reference, keep),
-        "uniform": _score(uniform, val, reference, (u_macs if metric == "macs" else u_params) / whole),
+        "uniform": _score(uniform, val, reference, cut.keep_achieved),
     }
     s, u = record["sensitivity"], record["uniform"]
     better = (u["val_accuracy"], -u["val_loss"]) > (s["val_accuracy"], -s["val_loss"])
