@@ -102,3 +102,18 @@ def test_the_planner_guards_each_prune_from_the_original_and_only_when_asked(tra
     off = Planner(model, EXAMPLE, cfg.model_copy(update={"compare_uniform": False}), val=val, bn=bn, sens=sens)
     off.at(0.5)
     assert off.guards == []
+
+
+@needs_fmnist
+def test_an_allocation_smaller_than_any_uniform_cut_is_kept_and_the_report_says_why(trained) -> None:
+    from pipeline.report.markdown import _allocation
+
+    model, val, bn = trained
+    cfg = prune_cfg(keep=0.1, channel_multiple=4, max_ratio=0.5)  # a uniform cut removes at most half of a group
+    groups = prunable_groups(model, EXAMPLE)
+    tiny = prune_to_plan(model, EXAMPLE, dict.fromkeys(groups, 4), groups=groups)
+    recover(model, tiny, cfg, EXAMPLE, bn)
+    kept, record = uniform_alternative(model, tiny, cfg, EXAMPLE, val=val, bn=bn)
+    assert kept is tiny and record["chosen"] == "sensitivity" and record["uniform"] is None
+    assert "max_layer_ratio" in record["why"]
+    assert "no uniform cut is that small" in _allocation({"allocation": "sensitivity", "uniform_guard": record})

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from pipeline.errors import PruningError
 from pipeline.pruning.calibrate import Batch, evaluate
 from pipeline.pruning.channels import count_macs_params, prune_to_target
 from pipeline.pruning.reconstruct import recover
@@ -56,10 +57,15 @@ def uniform_alternative(
     keep = (macs if metric == "macs" else params) / whole
     ucfg = cfg.model_copy(update={"allocation": "uniform", "global_pruning": False,
                                   "target": PruneTarget(metric=metric, keep=min(1.0, keep))})  # fmt: skip
-    cut = prune_to_target(unpruned, example, ucfg, batches=val)  # its keep_achieved: against the same counts
+    reference = unpruned if val and val[0][1] is None else None
+    try:
+        cut = prune_to_target(unpruned, example, ucfg, batches=val)  # its keep_achieved: against the same counts
+    except PruningError as exc:  # no uniform cut is that small (max_layer_ratio, channel multiples): nothing to compare
+        log.info("uniform guard: no uniform cut keeps %.3f of the %s (%s); the allocation is kept", keep, metric, exc)
+        return allocated, {"sensitivity": _score(allocated, val, reference, keep), "uniform": None,
+                           "chosen": "sensitivity", "why": str(exc)}  # fmt: skip
     uniform = cut.model
     recover(unpruned, uniform, cfg, example, bn)
-    reference = unpruned if val and val[0][1] is None else None
     record = {
         "sensitivity": _score(allocated, val, reference, keep),
         "uniform": _score(uniform, val, reference, cut.keep_achieved),

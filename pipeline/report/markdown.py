@@ -132,6 +132,8 @@ def _iterative(rows: Sequence[Mapping[str, Any]] | None) -> list[str]:
 
 def _allocation(pr: Mapping[str, Any]) -> str:
     method, guard = pr.get("allocation"), pr.get("uniform_guard")
+    if method == "sensitivity" and guard and guard.get("uniform") is None:
+        return ", channels allocated from the measured sensitivity (uniform guard: no uniform cut is that small)"
     if method == "sensitivity" and guard:
         s, u = guard["sensitivity"], guard["uniform"]
         scores = (f"validation accuracy {pct(s['val_accuracy'])} for the measured allocation, {pct(u['val_accuracy'])}"
