@@ -86,7 +86,7 @@ def _cfg(method: str, keep: float) -> Pruning:
     if method == "tp-taylor-global":
         return Pruning(target=target, channel_multiple=1, importance="taylor", allocation="uniform",
                        global_pruning=True, recalibrate_bn=False, reconstruct=False)  # fmt: skip
-    return Pruning(target=target, channel_multiple=8, importance="l2", allocation="sensitivity")
+    return Pruning(target=target, channel_multiple=8, importance="l2", allocation="sensitivity", compare_uniform=True)
 
 
 class Methods:

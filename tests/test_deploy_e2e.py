@@ -61,6 +61,7 @@ def _profile(tmp: Path, **budgets: float | None) -> Path:
     data["budgets"] = {k: v for k, v in data["budgets"].items() if v is not None}
     data["pruning"]["target"] = {"metric": "macs", "keep": 0.5}
     data["pruning"]["channel_multiple"] = 4
+    data["pruning"]["compare_uniform"] = True  # the uniform guard (off by default) runs in the chain
     data["finetune"] = {"epochs": 1, "max_train_images": 2048, "batch_size": 64, "lr": 0.003}
     data["quantize"]["calibration_images"] = 64
     # this tiny net's int8 file agrees ~0.987 with PyTorch even after the remedies (tests/test_quantize.py

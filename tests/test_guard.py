@@ -89,7 +89,7 @@ def test_a_good_allocation_is_kept(trained) -> None:
 @needs_fmnist
 def test_the_planner_guards_each_prune_from_the_original_and_only_when_asked(trained) -> None:
     model, val, bn = trained
-    cfg = prune_cfg(keep=0.5, channel_multiple=4)
+    cfg = prune_cfg(keep=0.5, channel_multiple=4).model_copy(update={"compare_uniform": True})
     sens = measure_sensitivity(model, EXAMPLE, cfg, val=val, bn=bn)
     planner = Planner(model, EXAMPLE, cfg, val=val, bn=bn, sens=sens)
     result = planner.at(0.5)
