@@ -141,9 +141,10 @@ def _data(spec, args: argparse.Namespace) -> DataPlan:
     if spec.name == "efficientnet_lite0":  # the photo set: crops labelled by the unpruned model (agreement)
         from pipeline.make_photo_set import make_photo_set
 
-        photos = REPO / "runs" / "bench-methods" / f"photos-{args.photo_crops}"
+        tag = f"-extra{len(args.photo_extra)}" if args.photo_extra else ""
+        photos = REPO / "runs" / "bench-methods" / f"photos-{args.photo_crops}{tag}"
         if not (photos / "README.txt").is_file():
-            make_photo_set(photos, crops=args.photo_crops)
+            make_photo_set(photos, crops=args.photo_crops, extra=args.photo_extra)
         return DataPlan(spec, data_dir=photos, test_limit=args.test_images, val_fraction=0.2)
     from pipeline.data.fashion_mnist import fashion_mnist_for
 
@@ -250,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-images", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--photo-crops", type=int, default=48, help="crops per photo (efficientnet_lite0's photo set)")
+    ap.add_argument("--photo-extra", type=Path, nargs="+", default=[], metavar="PHOTOS",
+                    help="folders of more training photos for efficientnet_lite0's photo set (pipeline.make_photo_set "
+                         "--extra), e.g. /usr/share/backgrounds /usr/share/wallpapers")  # fmt: skip
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--latency-iters", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)

@@ -162,6 +162,9 @@ class Finetune(_Frozen):
     warmup: float = Field(default=0.1, ge=0, lt=1)  # share of the steps warming up, then cosine decay
     early_stopping: bool = True  # evaluate on the validation split and keep the best checkpoint
     evaluations: int = Field(default=8, ge=1, le=1000)  # how many times during the run
+    # BatchNorm while training: "train" uses batch statistics (and updates the running ones), "frozen" keeps the
+    # running statistics and trains only scale and shift; auto: frozen for per-process batches under 16 images
+    bn: Literal["auto", "train", "frozen"] = "auto"
     # where (issue 18): auto = the first CUDA GPU when torch sees one, else the CPU; --device/--set override it
     device: str = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 where the GPU has it, else fp16; off on CPU

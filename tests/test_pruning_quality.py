@@ -112,6 +112,7 @@ def test_global_pruning_reaches_the_target_with_non_uniform_layers() -> None:
         (("pruning.reconstruct=maybe",), "pruning -> reconstruct: Input should be a valid boolean"),
         (("pruning.reconstruct=1",), "pruning -> reconstruct: Input should be a valid boolean"),
         (("pruning.compare_uniform=sometimes",), "pruning -> compare_uniform: Input should be a valid boolean"),
+        (("finetune.bn=sometimes",), "finetune -> bn: Input should be 'auto', 'train' or 'frozen'"),
     ],
 )
 def test_bad_pruning_settings_name_the_field(overrides: tuple[str, ...], message: str) -> None:
@@ -217,6 +218,25 @@ def test_a_fraction_of_an_epoch_that_rounds_to_no_step_still_trains_min_steps_an
     none = finetune_kd(student, teacher, SPEC, data, Finetune(epochs=0, batch_size=32, min_steps=50))
     assert none.steps == 0 and none.images_seen == 0
     assert all(torch.equal(v, before[k]) for k, v in none.model.state_dict().items())
+
+
+@pytest.mark.parametrize(("bn", "batch", "frozen"), [("frozen", 32, True), ("train", 32, False), ("auto", 32, False),
+                                                ("auto", 8, True), ("train", 8, False)])  # fmt: skip
+def test_finetune_bn_frozen_keeps_the_running_statistics_and_train_updates_them(bn: str, batch: int,
+                                                                                frozen: bool) -> None:  # fmt: skip
+    from pipeline.targets import Finetune
+    from pipeline.train.distill import finetune_kd
+
+    teacher = tiny_resnet(seed=1)
+    student = prune_to_target(teacher, EXAMPLE, prune_cfg(keep=0.5, channel_multiple=4)).model
+    before = {k: v.clone() for k, v in student.state_dict().items() if "running_" in k}
+    cfg = Finetune(epochs=1.0, batch_size=batch, min_steps=4, early_stopping=False, bn=bn)  # type: ignore[arg-type]
+    done = finetune_kd(student, teacher, SPEC, _images(40), cfg)
+    after = done.model.state_dict()
+    assert done.bn_frozen is frozen and before
+    assert all(torch.equal(after[k], v) for k, v in before.items()) is frozen
+    weights = [k for k, v in after.items() if k.endswith(".weight") and not torch.equal(v, student.state_dict()[k])]
+    assert weights  # the weights trained either way (BatchNorm scale and shift included)
 
 
 def test_the_report_plots_the_sensitivity_per_layer() -> None:

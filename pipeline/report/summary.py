@@ -110,7 +110,7 @@ def _finetune_run(tuned: Any) -> dict[str, Any]:
     """Where and how fast fine-tuning ran (issue 18), and what the training images needed."""
     return {"device": tuned.device, "world_size": tuned.world_size, "images_per_s": tuned.images_per_s,
             "seconds": tuned.train_seconds, "train_images": tuned.train_images, "resized": tuned.resized,
-            "data_workers": tuned.data_workers}  # fmt: skip
+            "data_workers": tuned.data_workers, "batchnorm": "frozen" if tuned.bn_frozen else "training"}  # fmt: skip
 
 
 def _shipped_precision(t: Any, variants: Mapping[str, Any], base_acc: float) -> tuple[str, dict[str, Any] | None]:

@@ -31,6 +31,7 @@ class FinetuneOutcome(FlatResult):
     train_images: int | None = None  # in the training split (streamed, not held in memory when on disk)
     resized: int = 0  # training images read that were resized to the model's input
     data_workers: int = 0  # DataLoader decoding processes per rank
+    bn_frozen: bool = False  # BatchNorm kept its running statistics while training (`finetune.bn`)
 
     @property
     def model_path(self) -> Path:
@@ -42,7 +43,7 @@ class FinetuneStage(Stage[FinetuneOutcome]):
 
     name = "finetune"
     result = FinetuneOutcome
-    version = 3  # streamed through a DataLoader (per-image shifts), device, DDP
+    version = 4  # streamed through a DataLoader (per-image shifts), device, DDP; finetune.bn recorded
 
     def inputs(self, ctx: Context) -> Mapping[str, Path]:
         return {"student": ctx.get(PRUNE).model_path, "teacher": ctx.get(BASELINE).model_path}
@@ -75,7 +76,8 @@ class FinetuneStage(Stage[FinetuneOutcome]):
         return FinetuneOutcome(out, acc, macs, params, result.steps, result.images_seen, result.final_loss,
                                result.best_step, tuple(map(list, result.val_curve)), result.device,
                                result.world_size, _round(result.images_per_s), result.train_seconds,
-                               len(ctx.data.train_stream), result.resized, result.workers)  # fmt: skip
+                               len(ctx.data.train_stream), result.resized, result.workers,
+                               result.bn_frozen)  # fmt: skip
 
 
 def _round(x: float | None) -> float | None:

@@ -45,6 +45,7 @@ class FinetuneResult:
     train_seconds: float = 0.0
     resized: int = 0  # training images read that had to be resized to the model's input
     workers: int = 0  # DataLoader decoding processes per rank
+    bn_frozen: bool = False  # BatchNorm kept its running statistics while training (`finetune.bn`)
 
 
 @torch.no_grad()
@@ -249,16 +250,18 @@ def finetune_kd(
                torch.Generator().manual_seed(seed + world.rank) if photos else None)  # fmt: skip
     keeper = _Keeper(student, val if cfg.early_stopping and world.is_main else (), teacher,
                      max(1, total // cfg.evaluations), dev.device)  # fmt: skip
-    keeper.freeze_bn = per_rank < SMALL_BATCH
+    keeper.freeze_bn = cfg.bn == "frozen" or (cfg.bn == "auto" and per_rank < SMALL_BATCH)
     seconds = _loop(run, feed, keeper, total, world)
     keeper.restore(student)
     seen, resized, loss = _totals(run, world)
     rate = seen / seconds if seconds > 0 else None
-    log.info("fine-tuned %d steps on %d images (%s, %d rank(s), %.0f images/s), last loss %.4f, kept step %s",
-             total, seen, dev.describe(), world.size, rate or 0.0, loss, keeper.step)  # fmt: skip
+    log.info("fine-tuned %d steps on %d images (%s, %d rank(s), %.0f images/s, BatchNorm %s), last loss %.4f, "
+             "kept step %s", total, seen, dev.describe(), world.size, rate or 0.0,
+             "frozen" if keeper.freeze_bn else "training", loss, keeper.step)  # fmt: skip
     return FinetuneResult(student.cpu().eval(), total, seen, loss, keeper.step, tuple(keeper.curve),
                           device=dev.describe(), world_size=world.size, images_per_s=rate,
-                          train_seconds=round(seconds, 3), resized=resized, workers=feed.workers)  # fmt: skip
+                          train_seconds=round(seconds, 3), resized=resized, workers=feed.workers,
+                          bn_frozen=keeper.freeze_bn)  # fmt: skip
 
 
 def _loop(run: _Run, feed: Any, keeper: _Keeper, total: int, world: World) -> float:
