@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from bench.common import add_data_args, add_output_args, command
 from bench.latency_pruning import _convert, _measure_all, _tflite_accuracy
 from bench.sections import write_section
 from pipeline.artifacts import write_json_atomic
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _command(argv: list[str] | None = None) -> str:
-    return ("python -m bench.pruning_methods " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
+    return command("bench.pruning_methods", argv)
 
 
 def table(r: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -247,20 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=["fmnist_cnn", "resnet_fm", "mobilenetv2_fm"])
     ap.add_argument("--levels", type=float, nargs="+", default=[0.7, 0.5])
     ap.add_argument("--finetune-steps", type=int, default=300)
-    ap.add_argument("--train-images", type=int, default=30000)
-    ap.add_argument("--test-images", type=int, default=2000)
+    add_data_args(ap, train_images=30000, test_images=2000)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--photo-crops", type=int, default=48, help="crops per photo (efficientnet_lite0's photo set)")
-    ap.add_argument("--photo-extra", type=Path, nargs="+", default=[], metavar="PHOTOS",
-                    help="folders of more training photos for efficientnet_lite0's photo set (pipeline.make_photo_set "
-                         "--extra), e.g. /usr/share/backgrounds /usr/share/wallpapers")  # fmt: skip
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--latency-iters", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-seconds", type=float, default=0.5)
-    ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
-    ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--from-result", type=Path, nargs="+", help="write the section from these saved runs")
+    add_output_args(ap, results=2)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     runs = [json.loads(f.read_text()) for f in args.from_result] if args.from_result else [run(args)]

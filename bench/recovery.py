@@ -21,14 +21,13 @@ import json
 import logging
 import os
 import platform
-import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.common import add_data_args, add_output_args, command
 from bench.pruning_methods import _data
 from bench.sections import write_section
 from pipeline.artifacts import write_json_atomic
@@ -84,21 +83,13 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _command(argv: list[str] | None) -> str:
-    return ("python -m bench.recovery " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["fmnist_cnn", "resnet_fm", "mobilenetv2_fm", "efficientnet_lite0"])
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.75, 0.6], help="share of each group's channels")
     ap.add_argument("--recovery-images", type=int, default=256)
-    ap.add_argument("--train-images", type=int, default=6000)
-    ap.add_argument("--test-images", type=int, default=1000)
-    ap.add_argument("--photo-crops", type=int, default=48, help="crops per photo (efficientnet_lite0's photo set)")
-    ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
-    ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--from-result", type=Path, help="write the section from this saved run")
+    add_data_args(ap, train_images=6000, test_images=1000)
+    add_output_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(0)
@@ -108,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         t0, rows = time.perf_counter(), []
         for name in args.models:
             rows += run_model(name, args)
-        result = {"command": _command(argv), "seconds": round(time.perf_counter() - t0), "rows": rows,
+        result = {"command": command("bench.recovery", argv), "seconds": round(time.perf_counter() - t0), "rows": rows,
                   "machine": platform.machine(), "cores": len(os.sched_getaffinity(0))}  # fmt: skip
         write_json_atomic(REPO / "bench" / "results" / "recovery.json", result)
     lines = table(result["rows"])

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from bench.common import add_data_args, add_output_args, command
 from bench.pruning_methods import _data
 from bench.sections import write_section
 from pipeline.artifacts import write_json_atomic
@@ -114,10 +114,6 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _command(argv: list[str] | None) -> str:
-    return ("python -m bench.refit_finetune " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["efficientnet_lite0"])
@@ -128,14 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--evaluations", type=int, default=6)
     ap.add_argument("--recovery-images", type=int, default=256)
-    ap.add_argument("--train-images", type=int, default=6000)
-    ap.add_argument("--test-images", type=int, default=288)
-    ap.add_argument("--photo-crops", type=int, default=48, help="crops per photo (efficientnet_lite0's photo set)")
-    ap.add_argument("--photo-extra", type=Path, nargs="+", default=[], metavar="PHOTOS",
-                    help="efficientnet_lite0: also run with these folders' photos added for training")  # fmt: skip
-    ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
-    ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--from-result", type=Path, help="write the section from this saved run")
+    add_data_args(ap, train_images=6000, test_images=288)  # with --photo-extra: run without it, then with it
+    add_output_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(0)
@@ -147,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             sets = [[], args.photo_extra] if name == "efficientnet_lite0" and args.photo_extra else [[]]
             for extra in sets:
                 rows += run_set(name, extra, args)
-                result = {"command": _command(argv), "seconds": round(time.perf_counter() - t0), "rows": rows,
-                          "steps": args.steps, "batch_size": args.batch_size, "machine": platform.machine(),
+                result = {"command": command("bench.refit_finetune", argv), "rows": rows,
+                          "seconds": round(time.perf_counter() - t0), "steps": args.steps,
+                          "batch_size": args.batch_size, "machine": platform.machine(),
                           "cores": len(os.sched_getaffinity(0))}  # fmt: skip
                 write_json_atomic(REPO / "bench" / "results" / "refit_finetune.json", result)  # saved as it goes
     lines = table(result["rows"])
