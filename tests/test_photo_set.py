@@ -63,3 +63,31 @@ def test_the_cli_names_a_bad_extra_folder_exits_2_and_writes_nothing(tmp_path: P
     err = capsys.readouterr().err
     assert "no such dir: not a folder of photos" in err
     assert not dest.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_extra_photos_train_only_and_the_test_split_is_unchanged(tmp_path: Path, monkeypatch) -> None:
+    """The real make_photo_set with EfficientNet-Lite0 labelling the crops; the scikit-image photos (not installed
+    in CI) stood in for by two seeded pictures, one of them a test photo."""
+    import pipeline.make_photo_set as mps
+
+    rng = np.random.default_rng(3)
+    fake = {"coffee": rng.integers(0, 256, (120, 160, 3), dtype=np.uint8),
+            "chelsea": rng.integers(0, 256, (100, 90, 3), dtype=np.uint8)}  # fmt: skip
+    monkeypatch.setattr(mps, "_photos", lambda: dict(fake))
+    extra = tmp_path / "wallpapers"
+    _write(extra / "Dune_1920x1080.jpg", 200, 120, seed=7)
+    _write(extra / "Dune.jpg", 80, 48, seed=8)
+    _write(extra / "deep" / "Goldfish.png", 90, 90, seed=9)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(extra / "tiny.png")  # too small to crop: left out
+    plain = mps.make_photo_set(tmp_path / "plain", crops=2, size=64)
+    more = mps.make_photo_set(tmp_path / "more", crops=2, size=64, extra=[extra])
+    assert plain["extra_photos"] == 0 and more["extra_photos"] == 2
+    assert more["test"] == plain["test"] == 2 and more["train"] == plain["train"] + 2 * 2
+
+    def files(root: Path, split: str) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / split).rglob("*.png"))}
+
+    assert files(tmp_path / "more", "test") == files(tmp_path / "plain", "test")  # the same held-out crops
+    names = {p.name.rsplit("_", 1)[0] for p in (tmp_path / "more" / "train").rglob("*.png")}
+    assert names == {"chelsea", "wallpapers-dune", "wallpapers-deep-goldfish"}
+    assert "Extra training photos (2) from: " + str(extra) in (tmp_path / "more" / "README.txt").read_text()
