@@ -22,6 +22,7 @@ Prints the table and rewrites the "Pruning methods at equal latency" section of 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -141,7 +142,9 @@ def _data(spec, args: argparse.Namespace) -> DataPlan:
     if spec.name == "efficientnet_lite0":  # the photo set: crops labelled by the unpruned model (agreement)
         from pipeline.make_photo_set import make_photo_set
 
-        tag = f"-extra{len(args.photo_extra)}" if args.photo_extra else ""
+        # the folders themselves name the cached set: another list of the same length is another set
+        folders = "\n".join(sorted(str(p.resolve()) for p in args.photo_extra))
+        tag = f"-extra-{hashlib.sha256(folders.encode()).hexdigest()[:10]}" if args.photo_extra else ""
         photos = REPO / "runs" / "bench-methods" / f"photos-{args.photo_crops}{tag}"
         if not (photos / "README.txt").is_file():
             make_photo_set(photos, crops=args.photo_crops, extra=args.photo_extra)

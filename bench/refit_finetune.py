@@ -58,10 +58,6 @@ def _variant(text: str) -> tuple[float, str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: {lr!r} or {t!r} is not a number") from None
 
 
-def _agreement(model: torch.nn.Module, test: list) -> float:
-    return evaluate(model, test)[1]
-
-
 def run_set(name: str, extra: list[Path], args: argparse.Namespace) -> list[dict[str, Any]]:
     spec = get_model_spec(name)
     data = _data(spec, argparse.Namespace(**{**vars(args), "photo_extra": extra}))
@@ -78,7 +74,7 @@ def run_set(name: str, extra: list[Path], args: argparse.Namespace) -> list[dict
     refit_s = round(time.perf_counter() - t0)
     photos = "photo set" + (f" + {len(extra)} extra folders" if extra else "") if name == "efficientnet_lite0" else "-"
     common = {"model": name, "photos": photos, "train_images": len(data.train), "macs": round(cut.keep_achieved, 4),
-              "refit_val": round(evaluate(cut.model, val)[1], 4), "refit_test": round(_agreement(cut.model, test), 4),
+              "refit_val": round(evaluate(cut.model, val)[1], 4), "refit_test": round(evaluate(cut.model, test)[1], 4),
               "refit_seconds": refit_s}  # fmt: skip
     log.info("%s (%s): refit in %d s, val %.4f, test %.4f", name, photos, refit_s, common["refit_val"],
              common["refit_test"])  # fmt: skip
@@ -90,7 +86,7 @@ def run_set(name: str, extra: list[Path], args: argparse.Namespace) -> list[dict
         done = finetune_kd(copy.deepcopy(cut.model), base, spec, data.train, ft, seed=0, val=val)
         row = {**common, "lr": lr, "bn": bn, "temperature": temp, "bn_frozen": done.bn_frozen, "steps": done.steps,
                "best_step": done.best_step, "val_curve": [list(x) for x in done.val_curve],
-               "test": round(_agreement(done.model, test), 4), "seconds": round(time.perf_counter() - t0)}  # fmt: skip
+               "test": round(evaluate(done.model, test)[1], 4), "seconds": round(time.perf_counter() - t0)}  # fmt: skip
         log.info("%s lr %g bn %s: best step %s, test %.4f (%s)", name, lr, bn, done.best_step, row["test"],
                  row["val_curve"])  # fmt: skip
         rows.append(row)
