@@ -38,23 +38,26 @@ def search_once(model: str, budget: float, trials: int, runs: Path) -> dict[str,
     start = time.perf_counter()
     run_chain(ctx, lambda name, rec: None, tuple(s for s in CHAIN if s.name in ("baseline", "sensitivity", "prune")))
     search = ctx.results["prune"].allocation["search"]
-    return {"model": model, "budget": budget, "trials": len(search["trials"]), "chosen": search["chosen"],
+    return {"model": model, "budget": budget, "trials": search["trials_scored"], "asked": len(search["trials"]),
+            "chosen": search["chosen"],
             "edge": search["edge_val_accuracy"], "base": search["base_val_accuracy"],
             "distance": search["distance_to_edge"], "keep": search["chosen_keep"],
             "seconds": round(time.perf_counter() - start)}  # fmt: skip
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| model | budget (points) | trials | unpruned val % | edge val % | chosen val % | above the edge (points) "
-           "| MACs kept | within 0.5 points in <= 8 trials |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = ["| model | budget (points) | trials (keeps asked) | unpruned val % | edge val % | chosen val % "
+           "| above the edge (points) | MACs kept | within 0.5 points in <= 8 trials |",
+           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r["distance"] is None:
-            out.append(f"| {r['model']} | {100 * r['budget']:g} | {r['trials']} | {100 * r['base']:.2f} | "
-                       f"{100 * r['edge']:.2f} | none passed | - | - | no |")  # fmt: skip
+            out.append(f"| {r['model']} | {100 * r['budget']:g} | {r['trials']} ({r['asked']}) | "
+                       f"{100 * r['base']:.2f} | {100 * r['edge']:.2f} | none passed | - | - | no |")  # fmt: skip
             continue
         ok = "yes" if r["distance"] * 100 <= GOAL_POINTS and r["trials"] <= 8 else "no"
-        out.append(f"| {r['model']} | {100 * r['budget']:g} | {r['trials']} | {100 * r['base']:.2f} | "
-                   f"{100 * r['edge']:.2f} | {100 * (r['edge'] + r['distance']):.2f} | {100 * r['distance']:.2f} | "
+        out.append(f"| {r['model']} | {100 * r['budget']:g} | {r['trials']} ({r['asked']}) | "
+                   f"{100 * r['base']:.2f} | {100 * r['edge']:.2f} | {100 * (r['edge'] + r['distance']):.2f} | "
+                   f"{100 * r['distance']:.2f} | "
                    f"{r['keep']:.3f} | {ok} |")  # fmt: skip
     return out
 
@@ -78,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     body = [SECTION, "", f"Command: `{cmd}` ({round(time.perf_counter() - start)} s, this host, 2 cores). The real "
             "chain (baseline, sensitivity, prune) on the host profile with `pruning.target: {metric: accuracy}`, "
             "default search settings (150 distillation steps a trial, 1,000 validation images), at most "
-            f"{args.trials} trials. Validation split only; 'above the edge' = chosen trial's validation accuracy "
+            f"{args.trials} trials. A trial = one pruned model fine-tuned and scored; a keep asked for that prunes "
+            "to a model already tried reuses its score (keeps asked, in brackets). Validation split only; 'above "
+            "the edge' = chosen trial's validation accuracy "
             "minus (unpruned validation accuracy - budget).", "", *lines, ""]  # fmt: skip
     write_section(args.out, SECTION, "\n".join(body))
     return 0

@@ -55,7 +55,11 @@ def test_the_search_never_chooses_a_trial_over_the_budget_and_ends_near_its_edge
     found = search_keep(planner.at, score, base_accuracy=base, max_drop=0.03,
                         cfg=Search(trials=6, min_keep=0.15, tolerance=0.01), predict=predict)  # fmt: skip
     trials = found.trials
-    assert 1 <= len(trials) <= 6
+    assert 1 <= found.figures()["trials_scored"] <= 6 and len(trials) <= 18  # keeps landing on a tried model are free
+    assert (
+        sum(1 for r in trials if r["keep_achieved"] is not None and "same_as" not in r)
+        == found.figures()["trials_scored"]
+    )
     for row in trials:  # every trial recorded, with what it measured
         assert {"keep_target", "keep_achieved", "val_accuracy", "passed", "seconds"} <= set(row)
         if row["val_accuracy"] is not None:
@@ -170,3 +174,44 @@ def test_small_batches_fine_tune_with_batchnorm_statistics_frozen(trained) -> No
         assert torch.equal(stats(tuned), stats(model)) == frozen, batch
         weights_moved = any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), model.parameters(), strict=True))
         assert weights_moved
+
+
+class _Staircase:
+    """A prune whose reached keep is a staircase of the one asked for (channel multiples do this: asking
+    0.35 and 0.32 both land on 0.296), with a known accuracy at each step; records what was fine-tuned."""
+
+    def __init__(self, steps: list[float]) -> None:
+        self.steps, self.scored = steps, []
+
+    def at(self, keep: float):
+        from types import SimpleNamespace
+
+        reached = max((s for s in self.steps if s <= keep + 1e-9), default=self.steps[0])
+        macs = round(reached * 10_000)
+        return SimpleNamespace(model=reached, keep_achieved=reached, macs_after=macs, params_after=macs)
+
+    def score(self, model: float) -> float:
+        self.scored.append(model)
+        return 0.70 + 0.2 * min(1.0, model / 0.4) ** 2  # 0.9 at keep >= 0.4, falling fast below it
+
+
+def test_the_search_never_fine_tunes_one_pruned_model_twice_and_reaches_the_edge_between_stairs() -> None:
+    stairs = _Staircase([0.15, 0.2964, 0.32, 0.34, 0.36, 0.38, 0.40, 0.5452, 0.7, 1.0])
+    found = search_keep(stairs.at, stairs.score, base_accuracy=0.90, max_drop=0.02,
+                        cfg=Search(trials=8, min_keep=0.15, tolerance=0.005))  # fmt: skip
+    assert len(stairs.scored) == len(set(stairs.scored)) <= 8  # each distinct model fine-tuned once
+    for row in found.trials:
+        if "same_as" in row:
+            twin = found.trials[row["same_as"]]
+            assert (twin["macs"], twin["val_accuracy"]) == (row["macs"], row["val_accuracy"])
+    chosen = found.trials[found.chosen]
+    assert chosen["passed"] and 0 <= chosen["val_accuracy"] - 0.88 <= 0.005  # keep 0.38 scores 0.8805
+    assert chosen["keep_achieved"] == 0.38 and found.figures()["trials_scored"] == len(stairs.scored)
+
+
+def test_the_search_stops_at_its_trial_budget_when_every_trial_fails() -> None:
+    stairs = _Staircase([i / 100 for i in range(15, 101)])
+    found = search_keep(stairs.at, lambda m: 0.5, base_accuracy=0.90, max_drop=0.02,
+                        cfg=Search(trials=4, min_keep=0.15, tolerance=0.005))  # fmt: skip
+    assert found.chosen is None and found.result is None and found.figures()["trials_scored"] == 4
+    assert [r["passed"] for r in found.trials] == [False] * 4

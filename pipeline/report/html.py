@@ -187,6 +187,12 @@ def _sensitivity(s: Mapping[str, Any]) -> str:
     return "\n".join(["<h2>Sensitivity per layer</h2>", note, img(figures.sensitivity(s), "sensitivity per layer")])
 
 
+def _trial_note(t: Mapping[str, Any]) -> str:
+    if t.get("same_as") is not None:
+        return f"the model of trial {t['same_as'] + 1}, not fine-tuned again"
+    return str(t.get("error") or "")
+
+
 def _search(s: Mapping[str, Any]) -> str:
     from pipeline.report.search_figures import search_trials
 
@@ -194,7 +200,7 @@ def _search(s: Mapping[str, Any]) -> str:
     if not search:
         return ""
     rows = [(i + 1, t.get("keep_target"), t.get("keep_achieved"), t.get("val_accuracy"), t.get("passed"),
-             t.get("seconds"), t.get("error") or "") for i, t in enumerate(search.get("trials") or [])]  # fmt: skip
+             t.get("seconds"), _trial_note(t)) for i, t in enumerate(search.get("trials") or [])]  # fmt: skip
     note = (f"<p>Pruned as far as the accuracy budget allows: each trial pruned to a share of the MACs, briefly "
             f"fine-tuned and scored on the validation split; chosen: trial "
             f"{esc('none' if search.get('chosen') is None else search['chosen'] + 1)}.</p>")  # fmt: skip

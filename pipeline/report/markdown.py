@@ -105,7 +105,8 @@ def _search(search: Mapping[str, Any] | None) -> list[str]:
     if not search:
         return []
     trials, chosen = search["trials"], search.get("chosen")
-    head = (f"Accuracy search (`pruning.target: {{metric: accuracy}}`): {len(trials)} trials, each pruned, "
+    n = search.get("trials_scored", len(trials))
+    head = (f"Accuracy search (`pruning.target: {{metric: accuracy}}`): {n} trials, each pruned, "
             f"fine-tuned briefly and scored on the validation split against the edge "
             f"{pct(search['edge_val_accuracy'])} (unpruned {pct(search['base_val_accuracy'])} minus the "
             f"{100 * search['max_accuracy_drop']:.1f}-point budget); ")  # fmt: skip
@@ -117,6 +118,8 @@ def _search(search: Mapping[str, Any] | None) -> list[str]:
     for i, t in enumerate(trials):
         kept = "n/a" if t["keep_achieved"] is None else pct(t["keep_achieved"])
         acc = t.get("error") or pct(t["val_accuracy"])
+        if t.get("same_as") is not None:
+            acc += f" (the model of trial {t['same_as'] + 1}, not fine-tuned again)"
         lines.append(f"| {i + 1}{' (chosen)' if i == chosen else ''} | {pct(t['keep_target'])} | {kept} | {acc} "
                      f"| {'yes' if t['passed'] else 'no'} | {t['seconds']} |")  # fmt: skip
     return [*lines, ""]

@@ -11,7 +11,12 @@ from pipeline.report.figures import _axes, _png, place_labels
 
 def search_trials(s: Mapping[str, Any]) -> bytes | None:
     search = (s.get("pruned") or {}).get("search") or {}
-    trials = [t for t in search.get("trials") or [] if t.get("val_accuracy") is not None and t.get("macs")]
+    numbered = [
+        (i + 1, t)
+        for i, t in enumerate(search.get("trials") or [])
+        if t.get("val_accuracy") is not None and t.get("macs") and t.get("same_as") is None
+    ]
+    trials = [t for _, t in numbered]  # a keep that landed on a model already tried is that trial's point
     if not trials:
         return None
     base_macs = (s.get("baseline") or {}).get("macs")
@@ -31,12 +36,12 @@ def search_trials(s: Mapping[str, Any]) -> bytes | None:
                    edgecolors="black", zorder=4, label="chosen")  # fmt: skip
     ax.axhline(100 * search["edge_val_accuracy"], color="#c62828", ls="--", lw=1,
                label=f"budget edge (drop {100 * search['max_accuracy_drop']:.1f} points)")  # fmt: skip
-    place_labels(ax, [(x, y, f"#{i + 1}") for i, (x, y) in enumerate(zip(xs, ys, strict=True))], fontsize=7)
+    place_labels(ax, [(x, y, f"#{n}") for (n, _), x, y in zip(numbered, xs, ys, strict=True)], fontsize=7)
     macs_note = f" of {base_macs:,}" if isinstance(base_macs, int) else ""
     ax.set_xlabel("latency predicted by the target's table (ms)" if by_latency
                   else f"MACs kept (% of the unpruned model's{macs_note})")  # fmt: skip
     ax.set_ylabel("validation accuracy (%) after the trial's fine-tune")
-    ax.set_title(f"Accuracy search: {len(search.get('trials') or [])} trials (green within budget)")
+    ax.set_title(f"Accuracy search: {len(trials)} trials (green within budget)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return _png(fig)
