@@ -9,7 +9,7 @@ from torch import nn
 
 from pipeline.pruning.channels import kept_outputs, prunable_groups, prune_to_plan
 from pipeline.pruning.reconstruct import forward_order, reconstruct
-from tests.tiny_models import tiny_resnet
+from tests.tiny_models import TinyResidualCNN, tiny_resnet
 
 
 class Planted(nn.Module):
@@ -126,3 +126,76 @@ def test_the_channel_record_is_right_on_branches_groups_and_inverted_residuals(n
     assert errors and all(e == e and e < float("inf") for e in errors.values())
     with torch.no_grad():
         assert torch.isfinite(pruned(ex)).all()
+
+
+@pytest.mark.parametrize(
+    "geometry", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 2, 1), (3, 1, 2, 2), (2, 2, 0, 1), (1, 2, 0, 1)]
+)
+def test_patches_at_sampled_positions_are_the_rows_of_a_full_unfold(geometry: tuple[int, int, int, int]) -> None:
+    """kernel, stride, padding, dilation: gathering only the sampled positions gives the same rows (same order,
+    same feature layout) as unfolding the whole batch and sampling after."""
+    from pipeline.pruning.reconstruct import _features
+
+    k, stride, pad, dil = geometry
+    layer = nn.Conv2d(5, 3, k, stride=stride, padding=pad, dilation=dil, bias=True)
+    x = torch.randn(3, 5, 11, 9)
+    patches = torch.nn.functional.unfold(x, k, dilation=dil, padding=pad, stride=stride)
+    rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    full = torch.cat([rows, torch.ones(len(rows), 1)], 1)
+    assert torch.equal(_features(layer, x), full)
+    pick = torch.randperm(len(full), generator=torch.Generator().manual_seed(1))[: len(full) // 3]
+    assert torch.equal(_features(layer, x, pick), full[pick])
+
+
+class Untraceable(TinyResidualCNN):
+    """Data-dependent control flow: torch.fx cannot trace it, so the refit captures layer by layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if float(x.sum()) > -1e30 else x
+
+
+def _layer_by_layer(base: nn.Module, pruned: nn.Module, kept: dict, ex: torch.Tensor, fit: list) -> dict:
+    """The refit the slow way: every layer's input and target captured by its own forward passes."""
+    from pipeline.pruning.reconstruct import refit_layer, refittable, restore_bn_stats
+
+    restore_bn_stats(base, pruned, kept)
+    modules = dict(base.named_modules())
+    todo = [n for n in forward_order(pruned, ex) if refittable(modules[n], pruned.get_submodule(n))]
+    return {n: round(refit_layer(base, pruned, n, kept.get(n), fit), 6) for n in todo}
+
+
+@pytest.mark.parametrize("case", ["lockstep", "too large to hold", "untraceable"])
+def test_the_one_pass_refit_gives_the_layer_by_layer_weights_and_falls_back_where_it_cannot_run(
+    case: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The refit runs the pruned model once, all batches in lockstep (pipeline/pruning/lockstep.py), where
+    capturing each layer's input took a forward pass per layer: the weights are bit-identical to that slow way
+    (28x28 batches of 32 have more positions than are sampled, so the sampled rows must line up too). Where the
+    activations would not fit, or torch.fx cannot trace the model, it falls back to the slow way and says so."""
+    import copy
+    import logging
+
+    from pipeline.pruning import reconstruct as rc
+
+    torch.manual_seed(0)
+    base = _randomized(Untraceable() if case == "untraceable" else TinyResidualCNN(), 2)
+    ex = torch.zeros(1, 1, 28, 28)
+    groups = prunable_groups(base, ex)
+    pruned = prune_to_plan(base, ex, {g: n // 2 for g, n in groups.items()})
+    kept = kept_outputs(pruned)
+    fit = [(torch.randn(32, 1, 28, 28), None) for _ in range(3)]
+    if case == "too large to hold":
+        monkeypatch.setattr(rc, "LOCKSTEP_BYTES", 1)
+    slow = copy.deepcopy(pruned)
+    with caplog.at_level(logging.INFO, logger=rc.__name__):
+        errors = reconstruct(base, pruned, kept, ex, fit)
+    want = _layer_by_layer(base, slow, kept, ex, fit)
+    assert list(errors) == list(want) and len(errors) >= 3 and errors == want
+    for (name, a), b in zip(pruned.state_dict().items(), slow.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    fell_back = "refit layer by layer" in caplog.text
+    assert fell_back == (case != "lockstep"), caplog.text
+    if case == "too large to hold":
+        assert "GiB of activations at once" in caplog.text
+    if case == "untraceable":
+        assert "torch.fx cannot trace the model" in caplog.text

@@ -332,7 +332,7 @@ def test_markdown_of_an_incomplete_summary_is_a_short_stand_in(tmp_path: Path) -
 
 def test_a_search_trial_that_landed_on_a_tried_model_is_named_and_counted_once() -> None:
     """A keep that the channel multiples round onto a model already tried reuses that trial's score (`same_as`):
-    the report says so in both formats, and counts only the trials that were fine-tuned; the Pareto plot still renders."""
+    the report says so in both formats and counts only the trials that were fine-tuned; the Pareto plot renders."""
     from pipeline.report.markdown import render_markdown
     from pipeline.report.search_figures import search_trials
 
@@ -342,7 +342,8 @@ def test_a_search_trial_that_landed_on_a_tried_model_is_named_and_counted_once()
     trials = [row, {**row, "keep_target": 0.36, "keep_achieved": 0.30, "macs": 6_000_000, "val_accuracy": 0.87,
                     "passed": False}, {**row, "keep_target": 0.55, "seconds": 0.5, "same_as": 0}]  # fmt: skip
     s["pruned"]["search"] = {"trials": trials, "chosen": 0, "trials_scored": 2, "base_val_accuracy": 0.903,
-                             "edge_val_accuracy": 0.883, "max_accuracy_drop": 0.02, "distance_to_edge": 0.008}  # fmt: skip
+                             "edge_val_accuracy": 0.883, "max_accuracy_drop": 0.02,
+                             "distance_to_edge": 0.008}  # fmt: skip
     md = render_markdown(s)
     assert "Accuracy search (`pruning.target: {metric: accuracy}`): 2 trials" in md
     assert "(the model of trial 1, not fine-tuned again)" in md

@@ -15,6 +15,11 @@ each layer is a linear regression over every spatial position of every image (1x
 layers exactly; k x k convolutions through their patches). This is the feature-map reconstruction step of
 channel pruning (He et al. 2017, ThiNet), done with the normal equations.
 
+The unpruned targets come from one forward pass per batch (only the sampled positions are kept), and the
+pruned model runs once, all batches in lockstep (pipeline/pruning/lockstep.py), each layer refitted when the
+pass reaches it; where that cannot run (untraceable, too large), each layer's input is captured by its own
+forward pass instead, with the same result.
+
 Depthwise and grouped layers are not refitted: their inputs and outputs are pruned together, channel by channel.
 Once every mixing layer computes (nearly) what it did before, each BatchNorm sees what it saw in the unpruned
 model, so its statistics are put back to the unpruned ones for the channels it kept (re-estimating them on a
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 
 RIDGE = 1e-3  # lam, relative to the mean diagonal of X^T X
 ROWS = 8192  # spatial positions sampled per batch and layer (seeded): enough for a well-posed fit, and fast
+LOCKSTEP_BYTES = 4 << 30  # activations of all the refit's images held at once in the one-pass refit, at most
 
 
 class _Stop(Exception):
@@ -67,17 +73,42 @@ def refittable(before: nn.Module, after: nn.Module) -> bool:
     return isinstance(after, nn.Conv2d) and after.groups == 1 and after.in_channels < before.in_channels
 
 
-def _features(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows of a regression: (positions, inputs [+ 1 for the bias])."""
+def _sample(n: int, g: torch.Generator, dev: torch.device) -> torch.Tensor | None:
+    """ROWS of the `n` regression rows of one batch (seeded), or None: all of them."""
+    return torch.randperm(n, generator=g)[:ROWS].to(dev) if n > ROWS else None
+
+
+def _patches(layer: nn.Conv2d, x: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
+    """Rows of `F.unfold(x)` (positions ordered image, row, column; features channel-major, then kernel row and
+    column), gathered only at the sampled positions: unfolding a whole batch first takes k*k times the input's
+    memory (gigabytes for 32 images at 224x224) to keep 8192 rows of it."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+    n, c, h, w = x.shape
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    pos = torch.arange(n * ho * wo, device=x.device) if pick is None else pick
+    img, rest = pos // (ho * wo), pos % (ho * wo)
+    i, j = (rest // wo) * sh, (rest % wo) * sw
+    xp = F.pad(x, (pw, pw, ph, ph))
+    taps = [xp[img, :, i + a * dh, j + b * dw] for a in range(kh) for b in range(kw)]  # each (rows, channels)
+    return torch.stack(taps, 2).reshape(len(pos), c * kh * kw)
+
+
+def _features(layer: nn.Module, x: torch.Tensor, pick: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's input as rows of a regression: (positions, inputs [+ 1 for the bias]), only the rows `pick`
+    names when given (indices into all the batch's rows, in the order of `_targets`)."""
     if isinstance(layer, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
+        rows = rows if pick is None else rows[pick]
     elif layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding in ((0, 0), "valid"):
-        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        flat = x.flatten(2)  # (images, channels, positions): gathered without a permuted copy of the batch
+        if pick is None:
+            rows = flat.permute(0, 2, 1).reshape(-1, x.shape[1])
+        else:
+            rows = flat[pick // flat.shape[2], :, pick % flat.shape[2]]
     else:
         if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
             raise NotImplementedError(f"refit of a convolution with padding {layer.padding!r}")
-        patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        rows = _patches(layer, x, pick)
     if layer.bias is not None:
         rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], 1)
     return rows
@@ -105,41 +136,118 @@ def _capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, *, output: boo
     return got[0]
 
 
+Targets = list[tuple[torch.Tensor | None, torch.Tensor]]  # per batch: (rows sampled or None, their targets)
+
+
+def _sampled_targets(y: torch.Tensor, linear: bool, kept_out: torch.Tensor | None, g: torch.Generator) -> tuple:
+    y = _targets(y, linear)
+    pick = _sample(len(y), g, y.device)
+    y = y if pick is None else y[pick]
+    return pick, (y if kept_out is None else y[:, kept_out.to(y.device)]).contiguous()
+
+
+@torch.no_grad()
+def unpruned_targets(unpruned: nn.Module, kept: Mapping[str, torch.Tensor | None], batches: Sequence[Batch],
+                     dev: torch.device) -> dict[str, Targets]:  # fmt: skip
+    """What the unpruned model's layers named in `kept` produce on every batch, only at the rows each layer's
+    refit samples (the same seeded draw as `refit_layer`'s) and only for the channels it kept: one forward pass
+    per batch for all the layers, where capturing them layer by layer reran the model once per layer."""
+    gens = {name: torch.Generator().manual_seed(0) for name in kept}
+    out: dict[str, Targets] = {name: [] for name in kept}
+    seen = 0  # batches run so far: a layer called twice in one forward keeps its first call, as `_capture` does
+
+    def hook_for(name: str, linear: bool):
+        def hook(_m: nn.Module, _a: tuple, y: torch.Tensor) -> None:
+            if len(out[name]) == seen:
+                out[name].append(_sampled_targets(y.detach(), linear, kept[name], gens[name]))
+
+        return hook
+
+    layers = {n: unpruned.get_submodule(n) for n in kept}
+    hooks = [m.register_forward_hook(hook_for(n, isinstance(m, nn.Linear))) for n, m in layers.items()]
+    try:
+        for x, _ in batches:
+            unpruned(_on(x, dev))
+            seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+class _Normal:
+    """The normal equations of one layer's regression (X^T X, X^T Y, ||Y||^2), summed over batches in float64,
+    and their ridge solution written into the layer."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        w0 = layer.weight.reshape(layer.weight.shape[0], -1).double()
+        if layer.bias is not None:
+            w0 = torch.cat([w0, layer.bias.double()[:, None]], 1)
+        self.layer, self.w0, self.dev = layer, w0, w0.device
+        self.xtx = torch.zeros(w0.shape[1], w0.shape[1], dtype=torch.float64, device=self.dev)
+        self.xty = torch.zeros(w0.shape[1], w0.shape[0], dtype=torch.float64, device=self.dev)
+        self.yty = 0.0
+
+    def add(self, rows: torch.Tensor, y: torch.Tensor) -> None:
+        self.xtx += (rows.T @ rows).double()  # float32 products (fast), summed over batches in float64
+        self.xty += (rows.T @ y).double()
+        self.yty += float((y.double() ** 2).sum())
+
+    @torch.no_grad()
+    def solve(self, ridge: float) -> float:
+        """Writes the refitted weights; returns the relative output error after (||Y - XW|| / ||Y||)."""
+        xtx, xty, after = self.xtx, self.xty, self.layer
+        lam = ridge * float(xtx.diagonal().mean()) + 1e-12
+        eye = torch.eye(len(xtx), dtype=torch.float64, device=self.dev)
+        w = torch.linalg.solve(xtx + lam * eye, xty + lam * self.w0.T).T
+        # residual from the normal equations: ||Y||^2 - 2 tr(W X^T Y) + tr(W X^T X W^T)
+        err = self.yty - 2 * float((w.T * xty).sum()) + float((w @ xtx * w).sum())
+        if after.bias is not None:
+            after.bias.copy_(w[:, -1].to(after.bias.dtype))
+            w = w[:, :-1]
+        after.weight.copy_(w.reshape(after.weight.shape).to(after.weight.dtype))
+        return (max(err, 0.0) / max(self.yty, 1e-30)) ** 0.5
+
+
 @torch.no_grad()
 def refit_layer(unpruned: nn.Module, pruned: nn.Module, name: str, kept_out: torch.Tensor | None,
-                batches: Sequence[Batch], *, ridge: float = RIDGE) -> float:  # fmt: skip
-    """Refit one layer of `pruned` in place; returns the relative output error after (||Y - XW|| / ||Y||)."""
+                batches: Sequence[Batch], *, ridge: float = RIDGE,
+                targets: Targets | None = None) -> float:  # fmt: skip
+    """Refit one layer of `pruned` in place, its input captured by running `pruned` up to it on each batch;
+    returns the relative output error after (||Y - XW|| / ||Y||). `targets`: the unpruned layer's sampled
+    outputs per batch (`unpruned_targets`), else captured here."""
     before, after = unpruned.get_submodule(name), pruned.get_submodule(name)
-    linear = isinstance(after, nn.Linear)
-    w0 = after.weight.reshape(after.weight.shape[0], -1).double()
-    if after.bias is not None:
-        w0 = torch.cat([w0, after.bias.double()[:, None]], 1)
-    dev = w0.device
-    xtx = torch.zeros(w0.shape[1], w0.shape[1], dtype=torch.float64, device=dev)
-    xty = torch.zeros(w0.shape[1], w0.shape[0], dtype=torch.float64, device=dev)
-    yty = 0.0
+    eq = _Normal(after)
     g = torch.Generator().manual_seed(0)
-    for x, _ in batches:
-        rows = _features(after, _capture(pruned, after, _on(x, dev), output=False))
-        y = _targets(_capture(unpruned, before, _on(x, dev), output=True), linear)
-        if kept_out is not None:
-            y = y[:, kept_out.to(dev)]
-        if len(rows) > ROWS:  # the same positions in both (rows and targets line up one to one)
-            pick = torch.randperm(len(rows), generator=g)[:ROWS].to(dev)
-            rows, y = rows[pick], y[pick]
-        xtx += (rows.T @ rows).double()  # float32 products (fast), summed over batches in float64
-        xty += (rows.T @ y).double()
-        yty += float((y.double() ** 2).sum())
-    lam = ridge * float(xtx.diagonal().mean()) + 1e-12
-    eye = torch.eye(len(xtx), dtype=torch.float64, device=dev)
-    w = torch.linalg.solve(xtx + lam * eye, xty + lam * w0.T).T
-    # residual from the normal equations: ||Y||^2 - 2 tr(W X^T Y) + tr(W X^T X W^T)
-    err = yty - 2 * float((w.T * xty).sum()) + float((w @ xtx * w).sum())
-    if after.bias is not None:
-        after.bias.copy_(w[:, -1].to(after.bias.dtype))
-        w = w[:, :-1]
-    after.weight.copy_(w.reshape(after.weight.shape).to(after.weight.dtype))
-    return (max(err, 0.0) / max(yty, 1e-30)) ** 0.5
+    for b, (x, _) in enumerate(batches):
+        if targets is None:
+            out = _capture(unpruned, before, _on(x, eq.dev), output=True)
+            pick, y = _sampled_targets(out, isinstance(after, nn.Linear), kept_out, g)
+        else:
+            pick, y = targets[b]  # the same positions in both (rows and targets line up one to one)
+        eq.add(_features(after, _capture(pruned, after, _on(x, eq.dev), output=False), pick), y)
+    return eq.solve(ridge)
+
+
+def _refit_in_lockstep(pruned: nn.Module, todo: list[str], targets: dict[str, Targets], batches: Sequence[Batch],
+                       dev: torch.device, ridge: float) -> dict[str, float]:  # fmt: skip
+    """Every layer in `todo` refitted in one lockstep pass over the batches (pipeline/pruning/lockstep.py);
+    raises LockstepSkipped where that cannot run (then nothing has been changed)."""
+    from pipeline.pruning.lockstep import LockstepSkipped, run_lockstep, trace
+
+    gm = trace(pruned)
+    if any(gm.get_submodule(n) is not pruned.get_submodule(n) for n in todo):
+        raise LockstepSkipped("the traced graph does not share the model's layers")
+    errors: dict[str, float] = {}
+
+    def visit(name: str, xs: list[torch.Tensor]) -> None:
+        eq = _Normal(pruned.get_submodule(name))
+        for x, (pick, y) in zip(xs, targets[name], strict=True):
+            eq.add(_features(eq.layer, x, pick), y)
+        errors[name] = round(eq.solve(ridge), 6)
+
+    run_lockstep(gm, [_on(x, dev) for x, _ in batches], set(todo), visit, max_bytes=LOCKSTEP_BYTES)
+    return errors
 
 
 @torch.no_grad()
@@ -169,13 +277,19 @@ def reconstruct(unpruned: nn.Module, pruned: nn.Module, kept: Mapping[str, torch
     output error. Both models are left in eval mode; `pruned` is changed in place."""
     unpruned.eval(), pruned.eval()
     restore_bn_stats(unpruned, pruned, kept)
+    from pipeline.pruning.lockstep import LockstepSkipped
+
     modules = dict(unpruned.named_modules())
-    errors = {}
-    order = forward_order(pruned, example)
+    todo = [n for n in forward_order(pruned, example) if refittable(modules[n], pruned.get_submodule(n))]
     with _placed(None, unpruned, pruned):  # on the decision device when one is set (`decisions_on`)
-        for name in order:
-            if refittable(modules[name], pruned.get_submodule(name)):
-                errors[name] = round(refit_layer(unpruned, pruned, name, kept.get(name), batches, ridge=ridge), 6)
+        dev = next(pruned.parameters()).device
+        targets = unpruned_targets(unpruned, {n: kept.get(n) for n in todo}, batches, dev)
+        try:
+            errors = _refit_in_lockstep(pruned, todo, targets, batches, dev, ridge) if todo else {}
+        except LockstepSkipped as why:  # layer by layer: each layer's input captured by a forward pass
+            log.info("refit layer by layer: %s", why)
+            errors = {n: round(refit_layer(unpruned, pruned, n, kept.get(n), batches, ridge=ridge,
+                                           targets=targets.pop(n)), 6) for n in todo}  # fmt: skip
     log.info("refitted %d layers by least squares (median relative error %.3f)", len(errors),
              sorted(errors.values())[len(errors) // 2] if errors else 0.0)  # fmt: skip
     return errors
