@@ -141,6 +141,7 @@ def _model(name: str, args: argparse.Namespace) -> tuple[nn.Module, ModelSpec, d
     if name in HOSTILE:
         spec = _fmnist_spec(name, HOSTILE[name])
         data = _splits(spec, args.val)
+        torch.manual_seed(0)  # the same initial weights whichever models ran before in this process
         return _train(spec.build(), spec, data["train"], args.train_steps), spec, data
     from pipeline.models.checkpoint import load_checkpoint
     from pipeline.models.zoo import get_model_spec

@@ -355,6 +355,9 @@ def test_every_remedy_runs_in_order_and_is_measured(planted: dict, data: dict[st
     sel = rows["selective"]
     assert sel["float_ops"] and sel["tries"] and sel["size_bytes"] > eq["size_bytes"]  # float weights are bigger
     assert rows["qat"]["steps"] == 40 and rows["qat"]["act_points"] >= 5 and rows["qat"]["size_bytes"] > 0
+    # QAT froze its ranges on every image of the profile's calibration set, untrimmed, which the converter
+    # then calibrated its model on
+    assert rows["qat"]["calibration_images"] == len(data["calibration"])
     assert not rec["met"] and rec["agreement"] == max(r["agreement"] for r in rows.values())
     assert rec["op_errors"]["plain"]["worst"][0]["layer"] == "conv2"
     assert rec["plain_p50_ms"] > 0 and rec["fp32_p50_ms"] > 0
@@ -427,3 +430,24 @@ def test_report_shows_a_float_fallbacks_latency_cost() -> None:
     assert "1.50x" in html and "conv2" in html and "missed" in html
     assert op_error_plot(s)[:8] == b"\x89PNG\r\n\x1a\n"
     assert markdown_lines({}) == [] and _quantization({}) == ""
+
+
+def test_qat_ranges_are_the_min_max_of_every_calibration_image_in_eval_mode() -> None:
+    """The ranges QAT freezes are what the converter calibrates: min/max over all the calibration images (in
+    batches, so none is left out however many there are), with dropout off as in the exported model."""
+    from pipeline.quantize.qat import OBSERVE_BATCH, _observe, _student, insert_act_quant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 26 * 26, 3))
+    calib = torch.randn(2 * OBSERVE_BATCH + 5, 1, 28, 28)
+    calib[-1] *= 50.0  # the last image, past any first batch, sets the widest ranges
+    gm = _student(model)
+    quants = insert_act_quant(gm)
+    gm.train()
+    _observe(gm, quants, calib)
+    assert gm.training  # the mode it had is restored
+    with torch.no_grad():
+        logits = model.eval()(calib)
+    assert float(quants[0].lo) == float(calib.min()) and float(quants[0].hi) == float(calib.max())
+    assert float(quants[-1].lo) == pytest.approx(float(logits.min()), rel=1e-5)
+    assert float(quants[-1].hi) == pytest.approx(float(logits.max()), rel=1e-5)

@@ -56,6 +56,7 @@ TEMPERATURE = 2.0
 CE_WEIGHT = 0.0  # the goal is agreement with the float model: pure distillation (labels not needed)
 FREEZE_AT = 0.6
 EMA = 0.05
+OBSERVE_BATCH = 64
 SCHEDULE = "constant"  # constant | cosine (5% linear warm-up, then cosine decay to 0)
 
 
@@ -89,9 +90,11 @@ class QatRecord:
     steps: int
     act_points: int
     final_loss: float
+    calibration_images: int  # the images whose min/max froze the ranges (the converter's calibration set)
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "act_points": self.act_points, "final_loss": self.final_loss}
+        return {"steps": self.steps, "act_points": self.act_points, "final_loss": self.final_loss,
+                "calibration_images": self.calibration_images}  # fmt: skip
 
 
 def _fused_into_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -146,14 +149,19 @@ def _set_mode(quants: list[ActQuant], mode: str) -> None:
 
 
 def _observe(gm: nn.Module, quants: list[ActQuant], calib: torch.Tensor) -> None:
-    """Ranges = the min/max of the activations on the calibration images (weights already on the int8 grid):
-    what TFLite's converter calibrates for the exported model."""
+    """Ranges = the min/max of the activations on the calibration images (weights already on the int8 grid),
+    in eval mode (no dropout): what TFLite's converter calibrates for the exported model from the same images.
+    In batches of OBSERVE_BATCH: the min/max of the batches' min/max."""
     for q in quants:
         q.lo.fill_(float("inf"))
         q.hi.fill_(float("-inf"))
     _set_mode(quants, "observe")
+    was_training = gm.training
+    gm.eval()
     with torch.no_grad():
-        gm(calib)
+        for start in range(0, len(calib), OBSERVE_BATCH):
+            gm(calib[start : start + OBSERVE_BATCH])
+    gm.train(was_training)
 
 
 def _without(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -211,13 +219,14 @@ def qat_finetune(
     steps: int = 300, lr: float = 2e-5, batch: int = 64, seed: int = 0,
 ) -> tuple[nn.Module, QatRecord]:  # fmt: skip
     """A QAT-fine-tuned copy of `model` (the teacher) ready to export, its weights on TFLite's int8 grid.
-    `x`, `y`: normalized training images (NCHW) and labels (or None); `calib`: the calibration images."""
+    `x`, `y`: normalized training images (NCHW) and labels (or None); `calib`: the calibration images, all of
+    the ones the converter will calibrate the exported model on (a subset would freeze narrower ranges than
+    the converter's min/max over all of them, and the model would ship with ranges it never trained with)."""
     torch.manual_seed(seed)
     teacher = copy.deepcopy(model).eval()
     gm = _student(model)
     quants = insert_act_quant(gm)
-    with torch.no_grad():
-        gm(calib)  # observe: ranges start at the calibration min/max
+    _observe(gm, quants, calib)  # ranges start at the calibration min/max
     for mod in list(gm.modules()):
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             parametrize.register_parametrization(mod, "weight", _WeightQuant())
@@ -228,4 +237,4 @@ def qat_finetune(
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
     gm = _without(gm.eval())
     log.info("QAT: %d steps, %d activation points, loss %.4f", steps, len(quants), final)
-    return gm, QatRecord(steps, len(quants), final)
+    return gm, QatRecord(steps, len(quants), final, len(calib))
