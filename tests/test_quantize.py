@@ -358,6 +358,13 @@ def test_every_remedy_runs_in_order_and_is_measured(planted: dict, data: dict[st
     # QAT froze its ranges on every image of the profile's calibration set, untrimmed, which the converter
     # then calibrated its model on
     assert rows["qat"]["calibration_images"] == len(data["calibration"])
+    # its checkpoints were scored on training images it did not train on, never the validation split
+    assert rows["qat"]["selection_images"] == len(data["train"]) // 5
+    assert [r["step"] for r in rows["qat"]["scores"]][:2] == [0, 10] and rows["qat"]["scores"][-1]["step"] == 40
+    flips = rec["disagreements"]
+    assert flips["images"] == round((1 - rec["agreement"]) * len(data["val"]))
+    assert flips["images_within"] >= flips["images"]
+    assert ("disagrees with PyTorch" in rec["advice"]) == (flips["images"] > 0)
     assert not rec["met"] and rec["agreement"] == max(r["agreement"] for r in rows.values())
     assert rec["op_errors"]["plain"]["worst"][0]["layer"] == "conv2"
     assert rec["plain_p50_ms"] > 0 and rec["fp32_p50_ms"] > 0
@@ -404,6 +411,7 @@ def test_unreachable_min_agreement_exits_3_and_publishes_nothing(trained: SmallC
     assert any(b["name"] == "int8 agreement (val)" and b["status"] == "missed" for b in summary["budgets"])
     report = (req.run_dir / "report.md").read_text()
     assert "## Quantization (int8 remedies)" in report and "conv2" in report
+    assert q["disagreements"]["images"] > 0 and "disagrees with PyTorch" in report
 
 
 def test_report_shows_a_float_fallbacks_latency_cost() -> None:
@@ -428,6 +436,14 @@ def test_report_shows_a_float_fallbacks_latency_cost() -> None:
     assert "Kept in float" in md and "| #1 CONV_2D | conv2 |" in md and "holding it back" in md
     html = _quantization(s)
     assert "1.50x" in html and "conv2" in html and "missed" in html
+    met = {
+        **q,
+        "met": True,
+        "advice": None,
+        "disagreements": {"images": 3, "max_float_margin": 0.02, "median_float_margin": 0.01, "images_within": 9},
+    }
+    said = "The 3 validation images where int8 disagrees with PyTorch are among the 9 of 400"
+    assert said in "\n".join(markdown_lines({"quantization": met})) and said in _quantization({"quantization": met})
     assert op_error_plot(s)[:8] == b"\x89PNG\r\n\x1a\n"
     assert markdown_lines({}) == [] and _quantization({}) == ""
 
@@ -451,3 +467,39 @@ def test_qat_ranges_are_the_min_max_of_every_calibration_image_in_eval_mode() ->
     assert float(quants[0].lo) == float(calib.min()) and float(quants[0].hi) == float(calib.max())
     assert float(quants[-1].lo) == pytest.approx(float(logits.min()), rel=1e-5)
     assert float(quants[-1].hi) == pytest.approx(float(logits.max()), rel=1e-5)
+
+
+def test_qat_ships_its_best_checkpoint_on_held_out_images_not_a_diverged_one(trained: SmallCNN, data) -> None:
+    """A learning rate that wrecks the student: QAT keeps the checkpoint that scored best on the held-out
+    images, here its post-training-quantized start (step 0), and says so; a sane one is scored throughout."""
+    from pipeline.quantize.qat import qat_finetune
+
+    x = SPEC.to_tensor(data["train"].images[:512])
+    calib = SPEC.to_tensor(data["calibration"].images)
+    val = SPEC.to_tensor(data["val"].images[:200])
+    with torch.no_grad():
+        want = trained(val).argmax(1)
+    wrecked, rec = qat_finetune(trained, x, None, calib, val=val, steps=20, lr=1.0, batch=32)
+    assert rec.kept_step == 0 and rec.selection_images == 200
+    assert [r["step"] for r in rec.scores] == [0, 5, 10, 15, 20]
+    assert min(r["agreement"] for r in rec.scores[1:]) < rec.scores[0]["agreement"] - 0.2  # it did diverge
+    with torch.no_grad():
+        kept = float((wrecked(val).argmax(1) == want).float().mean())
+    assert kept > 0.9  # the float model exported is the step-0 one, not the diverged last step
+    _, last = qat_finetune(trained, x, None, calib, steps=20, lr=1.0, batch=32)
+    assert last.kept_step == 20 and last.scores == () and last.selection_images == 0
+
+
+def test_disagreements_say_how_sure_the_float_model_was_where_int8_flipped() -> None:
+    from pipeline.quantize.flips import disagreements, flips_text, float_margins
+
+    logits = np.log(np.array([[0.5, 0.49, 0.01], [0.9, 0.05, 0.05], [0.1, 0.3, 0.6], [0.34, 0.33, 0.33]]))
+    margin = float_margins(logits)
+    assert margin == pytest.approx([0.01, 0.85, 0.3, 0.01])
+    ref = np.array([0, 0, 2, 0])
+    d = disagreements(np.array([1, 0, 2, 1]), ref, margin)  # the two near-ties flipped
+    assert d == {"images": 2, "max_float_margin": 0.01, "median_float_margin": 0.01, "images_within": 2}
+    assert "The 2 validation images where int8 disagrees with PyTorch are among the 2 of 4" in flips_text(d, 4)
+    d = disagreements(np.array([0, 1, 2, 0]), ref, margin)  # a confident image flipped
+    assert d["max_float_margin"] == pytest.approx(0.85) and d["images_within"] == 4
+    assert disagreements(ref, ref, margin)["images"] == 0 and flips_text(disagreements(ref, ref, margin), 4) == ""

@@ -44,11 +44,13 @@ from pipeline.data.imageset import ImageSet
 from pipeline.models.spec import ModelSpec
 from pipeline.quantize.budget import drop_within
 from pipeline.quantize.calibset import trim_outliers
+from pipeline.quantize.flips import disagreements, flips_text, float_margins
 
 log = logging.getLogger(__name__)
 
 REMEDIES = ("calibration", "equalization", "selective", "int16x8", "qat")  # the order they run in
 CALIBRATION_FACTOR = 4
+QAT_HOLDOUT = 500  # training images QAT keeps out of its training to pick its checkpoint on
 OP_ERROR_IMAGES = 64
 
 
@@ -92,6 +94,7 @@ class Candidate:
     size_bytes: int = 0
     p50_ms: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    top1: np.ndarray | None = None  # the int8 file's answers on the validation images
 
     def row(self, kept: bool) -> dict[str, Any]:
         return {
@@ -112,7 +115,9 @@ class _Ref:
         from pipeline.verification import _torch_logits
 
         x = job.spec.to_tensor(job.val.images)
-        self.top1 = np.argmax(_torch_logits(job.model, x), axis=1)
+        logits = _torch_logits(job.model, x)
+        self.top1 = np.argmax(logits, axis=1)
+        self.margin = float_margins(logits)  # the float model's top-1 minus top-2 probability
         self.labels = job.val.labels
         self.fp32_accuracy = None if self.labels is None else float(np.mean(self.top1 == self.labels))
         self.nhwc = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
@@ -122,6 +127,7 @@ class _Ref:
 
         logits = run_batch(c.int8, self.nhwc, threads=job.threads)
         top1 = np.argmax(logits, axis=1)
+        c.top1 = top1
         c.agreement = float(np.mean(top1 == self.top1))
         c.accuracy = None if self.labels is None else float(np.mean(top1 == self.labels))
         c.size_bytes = c.int8.stat().st_size
@@ -211,10 +217,16 @@ def _qat(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Candidate:
 
     x = job.spec.to_tensor(job.train.images)
     y = None if job.train.labels is None else torch.from_numpy(job.train.labels).long()
+    # checkpoints are scored on training images held out of QAT's own training, not on the validation split:
+    # picking the best of many checkpoints on the images the agreement is then measured on would inflate it
+    held = min(QAT_HOLDOUT, len(x) // 5)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(job.seed))
+    hold, fit = order[:held], order[held:]
     # the profile's calibration set, untrimmed (module docstring), all of it: QAT freezes its ranges on every
     # image the converter then calibrates the exported model on (qat.py)
     calib = job.spec.to_tensor(job.calibration.images)
-    model, rec = qat_finetune(best.model, x, y, calib, steps=job.qat_steps, seed=job.seed)
+    model, rec = qat_finetune(best.model, x[fit], None if y is None else y[fit], calib,
+                              val=x[hold] if held else None, steps=job.qat_steps, seed=job.seed)  # fmt: skip
     c = _convert(job, model, job.calibration, work, "qat")
     c.details = rec.to_dict()
     return ref.measure(c, job)
@@ -392,6 +404,8 @@ def _record(job: RemedyJob, best: Candidate, rows: list, errs: tuple, ref: _Ref,
     drop = drop_of(best, ref)
     fp32_ms = job.timing(first_fp32) if job.timing is not None else None
     holding = [o.where() for o in final.worst(5) if o.share > 0]
+    flips = disagreements(best.top1, ref.top1, ref.margin)
+    why = None if met else " ".join(filter(None, [advice(job, best, holding, drop), flips_text(flips, len(ref.top1))]))
     return {
         "min_agreement": job.min_agreement,
         "max_accuracy_drop": job.max_accuracy_drop,
@@ -411,7 +425,8 @@ def _record(job: RemedyJob, best: Candidate, rows: list, errs: tuple, ref: _Ref,
         "steps": rows,
         "op_errors": {"plain": first.to_dict(), "final": final.to_dict()},
         "holding_back": holding,
-        "advice": None if met else advice(job, best, holding, drop),
+        "disagreements": flips,
+        "advice": why,
     }
 
 

@@ -313,6 +313,7 @@ def _op_profile(s: Mapping[str, Any]) -> str:
 
 def _quantization(s: Mapping[str, Any]) -> str:
     """int8 remedies and the worst ops (pipeline/report/quant_figures.py)."""
+    from pipeline.quantize.flips import flips_text
     from pipeline.report import quant_figures as qf
 
     q = s.get("quantization")
@@ -334,7 +335,7 @@ def _quantization(s: Mapping[str, Any]) -> str:
         img(qf.op_error_plot(s), "worst int8 ops"),
         table(["op", "PyTorch layer", "error / scale", "cosine", "rel. error", "share (est.)"], ops,
               numeric=(2, 3, 4, 5)),
-        f"<p>{esc(q['advice'])}</p>" if q.get("advice") else "",
+        f"<p>{esc(q.get('advice') or flips_text(q.get('disagreements') or {}, q['val_images']))}</p>",
     ])  # fmt: skip
 
 

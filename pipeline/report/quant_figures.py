@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.quantize.flips import flips_text
 from pipeline.report.figures import _axes, _png
 
 TOP = 10
@@ -92,6 +93,9 @@ def markdown_lines(s: Mapping[str, Any]) -> list[str]:
         lines.append(f"| {r['remedy']} | {fmt(r['agreement'], '{:.4f}')} | {fmt(r['accuracy'], '{:.4f}')} | "
                      f"{fmt(r['size_bytes'], '{:,} B')} | {fmt(r['p50_ms'], '{:.3f} ms')} | "
                      f"{fmt(r['vs_plain'], '{:.2f}x')} | {r['status']} |")  # fmt: skip
+    flips = flips_text(q.get("disagreements") or {}, q["val_images"])
+    if flips and not q.get("advice"):  # a miss's advice ends with the same sentence
+        lines += ["", flips]
     if q.get("float_ops"):
         lines += ["", "Kept in float (its latency cost is the 'vs plain int8' column): " + "; ".join(q["float_ops"])]
     lines += ["", "Worst ops under plain int8 (share of the output error is an estimate: the error each op adds "
