@@ -193,20 +193,29 @@ def _first_meeting(rows: list[dict[str, Any]], fp32_acc: float, skip_float: bool
                  if r["agreement"] >= GOAL and drop_within(fp32_acc - r["accuracy"], GOAL_DROP)), None)  # fmt: skip
 
 
+def _flips(r: dict[str, Any]) -> str:
+    """'n, <= m (k)': images where int8 disagrees, the float model's largest top-1/top-2 margin among them,
+    and how many validation images have a margin that small ('' for rows saved before it was recorded)."""
+    f = r.get("flips") or {}
+    if f.get("images") is None:
+        return ""
+    return "0" if not f["images"] else f"{f['images']}, <= {f['max_float_margin']:.3f} ({f['images_within']})"
+
+
 def _table(results: list[dict[str, Any]]) -> list[str]:
-    lines = ["| model | step | int8 agreement | accuracy drop from fp32 | size | p50 | kept |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | step | int8 agreement | accuracy drop from fp32 | size | p50 | flips, float margin | kept |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for res in results:
         rec, acc = res["record"], res["fp32_accuracy"]
         lines.append(f"| {res['model']} | fp32 | 1 | 0 (accuracy {acc:.4f}) | {res['fp32_size']:,} B | "
-                     f"{rec['fp32_p50_ms']:.3f} ms | |")  # fmt: skip
+                     f"{rec['fp32_p50_ms']:.3f} ms | | |")  # fmt: skip
         for r in rec["steps"]:
             if r.get("skipped"):
-                lines.append(f"| {res['model']} | {r['remedy']} | skipped: {r['skipped']} | | | | |")
+                lines.append(f"| {res['model']} | {r['remedy']} | skipped: {r['skipped']} | | | | | |")
                 continue
             drop, kept = 100 * (acc - r["accuracy"]), "yes" if r["kept"] else "no"
             lines.append(f"| {res['model']} | {r['remedy']} | {r['agreement']:.4f} | {drop:+.2f} pt | "
-                         f"{r['size_bytes']:,} B | {r['p50_ms']:.3f} ms | {kept} |")  # fmt: skip
+                         f"{r['size_bytes']:,} B | {r['p50_ms']:.3f} ms | {_flips(r)} | {kept} |")  # fmt: skip
     return lines
 
 
@@ -261,8 +270,11 @@ def _report(results: list[dict[str, Any]], args: argparse.Namespace, argv: list[
             f"accuracy drop = fp32 PyTorch accuracy minus the int8 file's, both on {val} held-out training images (the "
             "validation split); size = .tflite bytes; p50 = this host, benchmark runner, 1 thread, 100 runs. "
             "Every remedy runs (unreachable min_agreement) and each row is the model that remedy produced; "
-            "`kept` = it beat the best so far, so later rows start from it. Hostile models trained here for "
-            f"{args.train_steps} steps.", "", *_table(results), "",
+            "`kept` = it beat the best so far, so later rows start from it. Flips, float margin = the validation "
+            "images where the int8 file's top-1 differs from PyTorch's, the largest top-1 minus top-2 probability "
+            "of the float model among them, and (in brackets) how many validation images have a margin that "
+            "small: flips confined to a few near-ties are rounding at a decision boundary, not a broken op. "
+            f"Hostile models trained here for {args.train_steps} steps.", "", *_table(results), "",
             "Goals: at least 0.99 agreement and at most a 0.5-point drop from fp32. The pipeline with "
             "`quantize.max_accuracy_drop: 0.005` stops at the first step meeting both (without it, at the first "
             "reaching min_agreement 0.99). Coral never keeps ops float or int16, so its column skips `selective` "

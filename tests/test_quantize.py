@@ -503,3 +503,20 @@ def test_disagreements_say_how_sure_the_float_model_was_where_int8_flipped() -> 
     d = disagreements(np.array([0, 1, 2, 0]), ref, margin)  # a confident image flipped
     assert d["max_float_margin"] == pytest.approx(0.85) and d["images_within"] == 4
     assert disagreements(ref, ref, margin)["images"] == 0 and flips_text(disagreements(ref, ref, margin), 4) == ""
+
+
+def test_quantization_bench_table_shows_where_int8_flipped() -> None:
+    from bench.quantization import _table
+
+    rows = [{"remedy": "plain PTQ", "agreement": 0.988, "accuracy": 0.80, "size_bytes": 10, "p50_ms": 0.1,
+             "kept": True, "flips": {"images": 6, "max_float_margin": 0.0871, "median_float_margin": 0.01,
+                                     "images_within": 41}},
+            {"remedy": "qat", "agreement": 1.0, "accuracy": 0.81, "size_bytes": 10, "p50_ms": 0.1, "kept": True,
+             "flips": {"images": 0}},
+            {"remedy": "calibration (800 images)", "agreement": 0.98, "accuracy": 0.80, "size_bytes": 10,
+             "p50_ms": 0.1, "kept": False}]  # fmt: skip
+    res = {"model": "m", "fp32_accuracy": 0.81, "fp32_size": 40, "record": {"fp32_p50_ms": 0.2, "steps": rows}}
+    lines = _table([res])
+    assert "| m | plain PTQ | 0.9880 | +1.00 pt | 10 B | 0.100 ms | 6, <= 0.087 (41) | yes |" in lines
+    assert "| m | qat | 1.0000 | +0.00 pt | 10 B | 0.100 ms | 0 | yes |" in lines
+    assert "| m | calibration (800 images) | 0.9800 | +1.00 pt | 10 B | 0.100 ms |  | no |" in lines  # saved before

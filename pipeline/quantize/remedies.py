@@ -94,7 +94,7 @@ class Candidate:
     size_bytes: int = 0
     p50_ms: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
-    top1: np.ndarray | None = None  # the int8 file's answers on the validation images
+    flips: dict[str, Any] = field(default_factory=dict)  # where it disagrees with PyTorch (flips.disagreements)
 
     def row(self, kept: bool) -> dict[str, Any]:
         return {
@@ -104,6 +104,7 @@ class Candidate:
             "size_bytes": self.size_bytes,
             "p50_ms": self.p50_ms,
             "kept": kept,
+            "flips": self.flips,
             **self.details,
         }
 
@@ -127,7 +128,7 @@ class _Ref:
 
         logits = run_batch(c.int8, self.nhwc, threads=job.threads)
         top1 = np.argmax(logits, axis=1)
-        c.top1 = top1
+        c.flips = disagreements(top1, self.top1, self.margin)
         c.agreement = float(np.mean(top1 == self.top1))
         c.accuracy = None if self.labels is None else float(np.mean(top1 == self.labels))
         c.size_bytes = c.int8.stat().st_size
@@ -404,7 +405,7 @@ def _record(job: RemedyJob, best: Candidate, rows: list, errs: tuple, ref: _Ref,
     drop = drop_of(best, ref)
     fp32_ms = job.timing(first_fp32) if job.timing is not None else None
     holding = [o.where() for o in final.worst(5) if o.share > 0]
-    flips = disagreements(best.top1, ref.top1, ref.margin)
+    flips = best.flips
     why = None if met else " ".join(filter(None, [advice(job, best, holding, drop), flips_text(flips, len(ref.top1))]))
     return {
         "min_agreement": job.min_agreement,
