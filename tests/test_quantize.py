@@ -481,6 +481,7 @@ def test_qat_ships_its_best_checkpoint_on_held_out_images_not_a_diverged_one(tra
         want = trained(val).argmax(1)
     wrecked, rec = qat_finetune(trained, x, None, calib, val=val, steps=20, lr=1.0, batch=32)
     assert rec.kept_step == 0 and rec.selection_images == 200
+    assert max(rec.scores, key=lambda r: (r["agreement"], -r["kl"]))["step"] == 0
     assert [r["step"] for r in rec.scores] == [0, 5, 10, 15, 20]
     assert min(r["agreement"] for r in rec.scores[1:]) < rec.scores[0]["agreement"] - 0.2  # it did diverge
     with torch.no_grad():

@@ -104,7 +104,7 @@ class QatRecord:
     final_loss: float
     calibration_images: int  # the images whose min/max froze the ranges (the converter's calibration set)
     kept_step: int = -1  # the checkpoint shipped (the best on validation; `steps` without validation)
-    scores: tuple[dict, ...] = ()  # {"step", "agreement"}: the simulated int8 agreement on `val`
+    scores: tuple[dict, ...] = ()  # {"step", "agreement", "kl"}: the simulated int8 student on `val`
     selection_images: int = 0  # how many images the checkpoints were scored on (0: none, the last one kept)
 
     def to_dict(self) -> dict:
@@ -240,23 +240,24 @@ def _kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _train(gm: nn.Module, teacher: nn.Module, quants: list[ActQuant], data: tuple, calib: torch.Tensor,
-           val: _Val | None, *, steps: int, lr: float, batch: int, seed: int) -> tuple[float, list[dict]]:  # fmt: skip
+           val: _Val | None, *, steps: int, lr: float, batch: int, seed: int) -> tuple[float, list, int]:  # fmt: skip
     """Distil for `steps`; with `val`, score the student every EVAL_EVERY steps (step 0, the post-training
-    quantized start, included) and end on the best-scoring weights. Returns the last loss and the scores."""
+    quantized start, included) and end on the best-scoring weights. Returns the last loss, the scores and the
+    step whose weights it ends on."""
     x, y = data
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=lr)
     loss = torch.tensor(0.0)
     _set_mode(quants, "train")
     scores: list[dict] = []
-    best: tuple[tuple[float, float], dict] | None = None
+    best: tuple[tuple[float, float], dict, int] | None = None
     every = max(1, min(EVAL_EVERY, steps // 4))
     for step in range(steps + 1):
         if val is not None and (step % every == 0 or step == steps):
             score = _score(gm, quants, calib, val)
-            scores.append({"step": step, "agreement": score[0]})
+            scores.append({"step": step, "agreement": score[0], "kl": round(-score[1], 6)})
             if best is None or score > best[0]:
-                best = (score, copy.deepcopy(gm.state_dict()))
+                best = (score, copy.deepcopy(gm.state_dict()), step)
         if step == steps:
             break
         for g in opt.param_groups:
@@ -274,9 +275,10 @@ def _train(gm: nn.Module, teacher: nn.Module, quants: list[ActQuant], data: tupl
         opt.zero_grad()
         loss.backward()
         opt.step()
-    if best is not None:
-        gm.load_state_dict(best[1])
-    return float(loss.detach()), scores
+    if best is None:
+        return float(loss.detach()), scores, steps
+    gm.load_state_dict(best[1])
+    return float(loss.detach()), scores, best[2]
 
 
 def qat_finetune(
@@ -303,11 +305,10 @@ def qat_finetune(
             logits = teacher(val)
         scored = _Val(val, logits.argmax(1), logits)
     gm.train()
-    final, scores = _train(gm, teacher, quants, (x, y), calib, scored, steps=steps, lr=lr, batch=batch, seed=seed)
+    final, scores, kept = _train(gm, teacher, quants, (x, y), calib, scored, steps=steps, lr=lr, batch=batch, seed=seed)
     for mod in list(gm.modules()):
         if parametrize.is_parametrized(mod, "weight"):
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
     gm = _without(gm.eval())
-    kept = max(scores, key=lambda r: r["agreement"])["step"] if scores else steps
     log.info("QAT: %d steps, %d activation points, loss %.4f, kept step %d", steps, len(quants), final, kept)
     return gm, QatRecord(steps, len(quants), final, len(calib), kept, tuple(scores), 0 if val is None else len(val))
