@@ -15,9 +15,9 @@ is scored every EVAL_EVERY steps, step 0 (the post-training-quantized start) inc
 recalibrated on the calibration images as the converter would, fake-quantized, top-1 agreement with the
 teacher (ties: lower KL). Training goes on with those ranges (periodic recalibration), and the best-scoring
 weights are the ones exported: a run that diverges ships its start, not its last step. Measured on
-branch_concat (bench/quantization.py), the score rose and fell by +-0.01 between checkpoints at 500 held-out
-images: picking the best of them on the validation split itself would have reported 0.990-0.994 where the
-same checkpoints scored 0.980-0.986 on images they were not picked on.
+branch_concat (bench/quantization.py, three learning rates), the score rose and fell by +-0.01 between
+checkpoints at 500 images: picking the best checkpoint on the validation split itself then reported
+0.990-0.992 there, where picking it on held-out training images gave 0.980-0.986 on the validation split.
 
 What ships: the weights end on TFLite's grid (the fake-quantized values are written into the model, so the
 converter's per-channel max |w| / 127 reproduces them), and the last 40% of the steps trained against the
