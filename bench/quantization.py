@@ -223,8 +223,11 @@ def _goal_cells(rows: list[dict[str, Any]], acc: float, fp32_ms: float, skip_flo
     r = _first_meeting(rows, acc, skip_float)
     if r is None:
         best = max(_eligible(rows, skip_float), key=lambda x: (x["agreement"], x["accuracy"]))
+        f = best.get("flips") or {}
+        why = (f"; its {f['images']} flips are all among the {f['images_within']} validation images whose float "
+               f"top-1 and top-2 are within {f['max_float_margin']:.3f}" if f.get("images") else "")  # fmt: skip
         return [f"not reached (best: {best['remedy']}, {best['agreement']:.4f}, "
-                f"{100 * (acc - best['accuracy']):+.2f} pt)", "", ""]  # fmt: skip
+                f"{100 * (acc - best['accuracy']):+.2f} pt{why})", "", ""]  # fmt: skip
     plain = rows[0]["p50_ms"]
     cost = f"{r['p50_ms'] / plain:.2f}x plain int8, {r['p50_ms'] / fp32_ms:.2f}x fp32"
     return [r["remedy"], f"{r['agreement']:.4f}, {100 * (acc - r['accuracy']):+.2f} pt", cost]

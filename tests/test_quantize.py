@@ -521,3 +521,15 @@ def test_quantization_bench_table_shows_where_int8_flipped() -> None:
     assert "| m | plain PTQ | 0.9880 | +1.00 pt | 10 B | 0.100 ms | 6, <= 0.087 (41) | yes |" in lines
     assert "| m | qat | 1.0000 | +0.00 pt | 10 B | 0.100 ms | 0 | yes |" in lines
     assert "| m | calibration (800 images) | 0.9800 | +1.00 pt | 10 B | 0.100 ms |  | no |" in lines  # saved before
+
+
+def test_quantization_bench_says_why_a_goal_was_not_reached() -> None:
+    from bench.quantization import _goal_cells
+
+    rows = [{"remedy": "plain PTQ", "agreement": 0.984, "accuracy": 0.80, "p50_ms": 0.1,
+             "flips": {"images": 8, "max_float_margin": 0.0187, "images_within": 23}},
+            {"remedy": "selective (1 float op)", "agreement": 0.995, "accuracy": 0.80, "p50_ms": 0.2}]  # fmt: skip
+    coral = _goal_cells(rows, 0.80, 0.3, skip_float=True)
+    assert coral[0] == ("not reached (best: plain PTQ, 0.9840, +0.00 pt; its 8 flips are all among the 23 "
+                        "validation images whose float top-1 and top-2 are within 0.019)")  # fmt: skip
+    assert _goal_cells(rows, 0.80, 0.3, skip_float=False)[0] == "selective (1 float op)"
