@@ -326,6 +326,7 @@ def _quantization(s: Mapping[str, Any]) -> str:
     ops = [(f"#{o['op_index']} {o['op']}", o.get("layer") or "", f"{o['error_steps']:.2f}", f"{o['cosine']:.4f}",
             f"{o['rel_error']:.3f}", pct(o["share"])) for o in qf.worst_ops(s)]  # fmt: skip
     verdict = "met" if q["met"] else "missed"
+    why = q.get("advice") or flips_text(q.get("disagreements") or {}, q["val_images"])
     return "\n".join([
         "<h2>Quantization</h2>",
         f"<p>int8 top-1 agreement with PyTorch <b>{q['agreement']:.4f}</b> on {q['val_images']} validation images: "
@@ -335,7 +336,7 @@ def _quantization(s: Mapping[str, Any]) -> str:
         img(qf.op_error_plot(s), "worst int8 ops"),
         table(["op", "PyTorch layer", "error / scale", "cosine", "rel. error", "share (est.)"], ops,
               numeric=(2, 3, 4, 5)),
-        f"<p>{esc(q.get('advice') or flips_text(q.get('disagreements') or {}, q['val_images']))}</p>",
+        f"<p>{esc(why)}</p>" if why else "",
     ])  # fmt: skip
 
 
