@@ -17,11 +17,9 @@ def float_margins(logits: np.ndarray) -> np.ndarray:
     return p[:, -1] - p[:, -2]
 
 
-def disagreements(top1: np.ndarray | None, ref_top1: np.ndarray, margin: np.ndarray) -> dict[str, Any]:
+def disagreements(top1: np.ndarray, ref_top1: np.ndarray, margin: np.ndarray) -> dict[str, Any]:
     """The images where `top1` (int8) differs from `ref_top1` (PyTorch): how many, the float model's largest
     and median margin on them, and how many of all the images have a margin at most that largest one."""
-    if top1 is None:
-        return {"images": None}
     bad = np.flatnonzero(np.asarray(top1) != np.asarray(ref_top1))
     if not len(bad):
         return {"images": 0, "max_float_margin": None, "median_float_margin": None, "images_within": 0}

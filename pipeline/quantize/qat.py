@@ -301,8 +301,9 @@ def qat_finetune(
             parametrize.register_parametrization(mod, "weight", _WeightQuant())
     scored = None
     if val is not None:
-        with torch.no_grad():
-            logits = teacher(val)
+        from pipeline.verification import _torch_logits
+
+        logits = torch.from_numpy(_torch_logits(teacher, val))
         scored = _Val(val, logits.argmax(1), logits)
     gm.train()
     final, scores, kept = _train(gm, teacher, quants, (x, y), calib, scored, steps=steps, lr=lr, batch=batch, seed=seed)
