@@ -235,8 +235,8 @@ def _qat(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Candidate:
     return ref.measure(c, job)
 
 
-def requantize_float(job: RemedyJob, best: Candidate, tensors: Sequence[str], out: Path, *, mode: str = "int8"
-                     ) -> Path:  # fmt: skip
+def requantize_float(job: RemedyJob, best: Candidate, tensors: Sequence[str], out: Path, *, mode: str = "int8",
+                     ranges: str | None = None) -> Path:  # fmt: skip
     """`best`'s SavedModel quantized again with `tensors` (op outputs) kept float, or (mode "16x8") with int16
     activations; returns the file."""
     from pipeline.errors import ConversionError
@@ -256,6 +256,8 @@ def requantize_float(job: RemedyJob, best: Candidate, tensors: Sequence[str], ou
         "denylisted_nodes": list(tensors),
         "out": str(out),
         "mode": mode,
+        "ranges": ranges,
+        "ranges_out": str(folder / f"{out.stem}.ranges.json"),
     }
     job_file = folder / f"{out.stem}.job.json"
     job_file.write_text(json.dumps(payload))

@@ -71,6 +71,8 @@ def requantize(job: dict[str, Any]) -> None:
     converter.experimental_mlir_quantizer = True
     converter._experimental_calibrate_only = True
     calibrated = converter.convert()
+    if job.get("ranges"):
+        calibrated = _set_ranges(calibrated, job)
     nodes = _exact_names(calibrated, job["denylisted_nodes"])
     io = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}[job["int8_io"]]
     model = convert.mlir_quantize(
@@ -83,6 +85,48 @@ def requantize(job: dict[str, Any]) -> None:
     )
     _write(Path(job["out"]), model)
     return None
+
+
+def _set_ranges(calibrated: bytes, job: dict[str, Any]) -> bytes:
+    """The calibrated model with each inner activation's min/max replaced by the range job["ranges"] picks
+    ("mse" or "percentile:Q", pipeline/quantize/ranges.py) from its values on the calibration images; the
+    model's input and output keep theirs. Writes what changed to job["ranges_out"]."""
+    from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from pipeline.quantize.ranges import Histogram, mse_range, percentile_range
+
+    model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
+    graph = model.subgraphs[0]
+    ends = {int(i) for i in (*graph.inputs, *graph.outputs)}
+    chosen = {
+        i: t
+        for i, t in enumerate(graph.tensors)
+        if i not in ends and t.quantization is not None and t.quantization.min is not None
+        and len(t.quantization.min) == 1
+    }  # fmt: skip
+    hists = {i: Histogram.over(t.quantization.min[0], t.quantization.max[0]) for i, t in chosen.items()}
+    interp = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]["index"]
+    for batch in _representative(job)():
+        interp.set_tensor(inp, batch[0])
+        interp.invoke()
+        for i, h in hists.items():
+            h.add(interp.get_tensor(i))
+    method = str(job["ranges"])
+    changed = []
+    for i, t in chosen.items():
+        h = hists[i]
+        lo, hi = mse_range(h) if method == "mse" else percentile_range(h, float(method.split(":", 1)[1]))
+        was = (float(t.quantization.min[0]), float(t.quantization.max[0]))
+        if (lo, hi) != (h.lo, h.hi):
+            t.quantization.min, t.quantization.max = [lo], [hi]
+            name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+            changed.append({"tensor": name, "was": was, "now": (lo, hi)})
+    if job.get("ranges_out"):
+        Path(job["ranges_out"]).write_text(json.dumps({"method": method, "tensors": len(chosen), "changed": changed}))
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _exact_names(calibrated: bytes, wanted: list[str]) -> list[str]:

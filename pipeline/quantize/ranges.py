@@ -1,0 +1,81 @@
+"""Activation ranges chosen for int8, not taken as the calibration images' min/max.
+
+TFLite's calibrator gives every activation tensor the min and max it saw on the calibration images; one
+outlier image or one rare large value then stretches the int8 step for all the others. Here each tensor's
+values on the calibration images are counted into a histogram over that min/max (BINS bins), and the range
+written back is the one that minimizes the expected squared int8 error over the histogram: values inside the
+range cost their rounding error (step^2 / 12, 255 steps), values outside it their clipping error. The range
+always holds 0 (TFLite's zero point must be exact), and a tensor whose best range is its min/max keeps it.
+
+Pure numpy: tfconv.py (the TensorFlow subprocess) reads the calibrated model's tensors, fills the histograms
+and writes the chosen ranges into the calibrated model before TensorFlow's quantizer runs on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BINS = 2048
+LEVELS = 256  # int8
+
+
+@dataclass
+class Histogram:
+    """Counts of one tensor's values over a fixed [lo, hi] (which holds 0)."""
+
+    lo: float
+    hi: float
+    counts: np.ndarray
+
+    @classmethod
+    def over(cls, lo: float, hi: float, bins: int = BINS) -> Histogram:
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+        if hi - lo <= 0:
+            hi = lo + 1e-8
+        return cls(lo, hi, np.zeros(bins, np.float64))
+
+    def add(self, values: np.ndarray) -> None:
+        v = np.asarray(values, np.float64).ravel()
+        idx = np.floor((v - self.lo) / (self.hi - self.lo) * len(self.counts)).astype(np.int64)
+        self.counts += np.bincount(np.clip(idx, 0, len(self.counts) - 1), minlength=len(self.counts))
+
+    def centres(self) -> np.ndarray:
+        width = (self.hi - self.lo) / len(self.counts)
+        return self.lo + width * (np.arange(len(self.counts)) + 0.5)
+
+
+def mse_range(h: Histogram, levels: int = LEVELS) -> tuple[float, float]:
+    """The [lo, hi] (on bin edges, holding 0) with the least expected squared int8 error over `h`."""
+    n = h.counts
+    if n.sum() == 0:
+        return h.lo, h.hi
+    c = h.centres()
+    edges = np.linspace(h.lo, h.hi, len(n) + 1)
+    a = np.unique(np.append(edges[edges <= 0], 0.0))  # candidate lower ends
+    b = np.unique(np.append(edges[edges >= 0], 0.0))  # candidate upper ends
+    cum_n, cum_c, cum_c2 = (np.concatenate([[0.0], np.cumsum(w)]) for w in (n, n * c, n * c * c))
+    total = (cum_n[-1], cum_c[-1], cum_c2[-1])
+    below = np.searchsorted(c, a, side="left")  # bins whose centre is under a: clipped up to a
+    above = np.searchsorted(c, b, side="right")  # bins from here on are over b: clipped down to b
+    lo_n, lo_c, lo_c2 = cum_n[below], cum_c[below], cum_c2[below]
+    lower = lo_n * a * a - 2 * a * lo_c + lo_c2  # sum n (a - c)^2 over the bins under a
+    hi_n, hi_c, hi_c2 = total[0] - cum_n[above], total[1] - cum_c[above], total[2] - cum_c2[above]
+    upper = hi_n * b * b - 2 * b * hi_c + hi_c2
+    inside = total[0] - lo_n[:, None] - hi_n[None, :]
+    step = (b[None, :] - a[:, None]) / (levels - 1)
+    err = inside * step * step / 12.0 + lower[:, None] + upper[None, :]
+    err = np.where(step > 0, err, np.inf)
+    i, j = np.unravel_index(int(np.argmin(err)), err.shape)
+    return float(a[i]), float(b[j])
+
+
+def percentile_range(h: Histogram, q: float) -> tuple[float, float]:
+    """The range holding all but (100 - q)% of the values, split between the two tails, widened to hold 0."""
+    cdf = np.cumsum(h.counts) / max(h.counts.sum(), 1.0)
+    edges = np.linspace(h.lo, h.hi, len(h.counts) + 1)
+    tail = (100.0 - q) / 200.0
+    lo = edges[int(np.searchsorted(cdf, tail, side="left"))]
+    hi = edges[int(np.searchsorted(cdf, 1.0 - tail, side="left")) + 1]
+    return min(float(lo), 0.0), max(float(hi), 0.0)
