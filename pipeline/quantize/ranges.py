@@ -41,9 +41,12 @@ class Histogram:
         idx = np.floor((v - self.lo) / (self.hi - self.lo) * len(self.counts)).astype(np.int64)
         self.counts += np.bincount(np.clip(idx, 0, len(self.counts) - 1), minlength=len(self.counts))
 
+    def edges(self) -> np.ndarray:
+        return np.linspace(self.lo, self.hi, len(self.counts) + 1)
+
     def centres(self) -> np.ndarray:
-        width = (self.hi - self.lo) / len(self.counts)
-        return self.lo + width * (np.arange(len(self.counts)) + 0.5)
+        e = self.edges()
+        return (e[:-1] + e[1:]) / 2
 
 
 def mse_range(h: Histogram, levels: int = LEVELS) -> tuple[float, float]:
@@ -51,8 +54,7 @@ def mse_range(h: Histogram, levels: int = LEVELS) -> tuple[float, float]:
     n = h.counts
     if n.sum() == 0:
         return h.lo, h.hi
-    c = h.centres()
-    edges = np.linspace(h.lo, h.hi, len(n) + 1)
+    c, edges = h.centres(), h.edges()
     a = np.unique(np.append(edges[edges <= 0], 0.0))  # candidate lower ends
     b = np.unique(np.append(edges[edges >= 0], 0.0))  # candidate upper ends
     cum_n, cum_c, cum_c2 = (np.concatenate([[0.0], np.cumsum(w)]) for w in (n, n * c, n * c * c))
@@ -74,7 +76,7 @@ def mse_range(h: Histogram, levels: int = LEVELS) -> tuple[float, float]:
 def percentile_range(h: Histogram, q: float) -> tuple[float, float]:
     """The range holding all but (100 - q)% of the values, split between the two tails, widened to hold 0."""
     cdf = np.cumsum(h.counts) / max(h.counts.sum(), 1.0)
-    edges = np.linspace(h.lo, h.hi, len(h.counts) + 1)
+    edges = h.edges()
     tail = (100.0 - q) / 200.0
     lo = edges[int(np.searchsorted(cdf, tail, side="left"))]
     hi = edges[int(np.searchsorted(cdf, 1.0 - tail, side="left")) + 1]
