@@ -177,6 +177,14 @@ class Finetune(_Frozen):
         return self
 
 
+def range_method_ok(method: str) -> bool:
+    """'mse', or 'percentile:Q' with 90 <= Q < 100 (pipeline/quantize/ranges.py)."""
+    if method == "mse":
+        return True
+    m = re.fullmatch(r"percentile:(\d{2}(?:\.\d{1,6})?)", method)
+    return m is not None and 90 <= float(m.group(1)) < 100
+
+
 class Quantize(_Frozen):
     """`ship: auto` ships the fastest precision, measured where the model is profiled (the device, else this
     host), whose accuracy drop stays within `budgets.max_accuracy_drop`; the decisions made before that (the
@@ -199,11 +207,21 @@ class Quantize(_Frozen):
     max_float_ops: int = Field(default=4, ge=0, le=64)  # selective: at most this many ops kept float (not Edge TPU)
     qat_steps: int = Field(default=300, ge=10, le=100_000)  # quantization-aware distillation steps
     remedy_images: int = Field(default=1000, ge=50, le=100_000)  # validation images the remedies are judged on
+    # the `calibration` remedy also tries these activation ranges in place of TensorFlow's min/max, chosen from
+    # a histogram of each tensor on the calibration images: "mse" (least expected int8 error) or "percentile:Q"
+    # (the central Q% of the values, 90 <= Q < 100); [] tries min/max only
+    calibration_ranges: tuple[str, ...] = ("mse", "percentile:99.99")
 
     @model_validator(mode="after")
     def _ship_is_built(self) -> Quantize:
         if len(set(self.remedies)) != len(self.remedies):
             raise ValueError(f"remedies: listed twice: {list(self.remedies)}")
+        for method in self.calibration_ranges:
+            if not range_method_ok(method):
+                raise ValueError(f"calibration_ranges: {method!r} is not a range method; valid: 'mse' or "
+                                 "'percentile:Q' with 90 <= Q < 100 (e.g. 'percentile:99.99')")  # fmt: skip
+        if len(set(self.calibration_ranges)) != len(self.calibration_ranges):
+            raise ValueError(f"calibration_ranges: listed twice: {list(self.calibration_ranges)}")
         if self.ship != "auto" and self.ship not in self.precisions:
             raise ValueError(f"ship: {self.ship!r} is not among precisions {list(self.precisions)}; list it there "
                              "or use ship: auto (the fastest precision within the accuracy budget)")  # fmt: skip

@@ -284,6 +284,50 @@ def test_max_accuracy_drop_keeps_the_remedies_going(planted: dict, data: dict[st
         assert "quantize.max_accuracy_drop 0.005" in rec["advice"] and "conv2" in rec["advice"]
 
 
+def test_calibration_tries_histogram_ranges_and_ships_the_best(planted: dict, data: dict[str, ImageSet],
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    """The calibration remedy measures each of calibration_ranges (ranges rewritten from histograms before
+    TensorFlow's quantizer) beside min/max, and ships whichever agrees best; the file shipped is the one measured."""
+    from pipeline.quantize.remedies import run_remedies
+    from pipeline.tflite import load_interpreter
+
+    job = _job(planted, data, tmp_path, remedies=("calibration",), calibration_ranges=("mse", "percentile:99.9"))
+    rec = run_remedies(job, tmp_path)
+    cal = rec["steps"][1]
+    tries = {t["ranges"]: t for t in cal["tries"] if t.get("outliers_dropped", 0) == 0}
+    assert set(tries) == {"minmax", "mse", "percentile:99.9"}
+    # the planted channel is 1000x the others: both methods narrow at least conv2's output range
+    assert tries["mse"]["ranges_changed"] >= 1 and tries["percentile:99.9"]["ranges_changed"] >= 1
+    assert all(t["calibration_images"] == cal["pool_images"] for t in tries.values())
+    assert cal["agreement"] == max(t["agreement"] for t in cal["tries"])
+    if cal["ranges"] != "minmax":
+        assert cal["remedy"].endswith(f"{cal['ranges'].replace(':', ' ')} ranges)")
+    if cal["kept"]:
+        shipped = tmp_path / "model_int8.tflite"
+        assert _agreement(planted["model"], shipped, data["val"]) == pytest.approx(cal["agreement"])
+        assert load_interpreter(shipped, threads=1).get_input_details()[0]["dtype"] == np.int8  # still full int8
+
+
+def test_profile_rejects_a_bad_calibration_range_method(tmp_path: Path) -> None:
+    from pipeline.errors import TargetConfigError
+    from pipeline.targets import TARGETS_DIR, load_target
+
+    base = yaml.safe_load((TARGETS_DIR / "host.yaml").read_text())
+    assert load_target(str(TARGETS_DIR / "host.yaml")).quantize.calibration_ranges == ("mse", "percentile:99.99")
+    for bad in (["kl"], ["percentile:101"], ["percentile:50"], ["percentile:"], ["percentile:99.9; rm -rf /"],
+                ["mse", "mse"], "mse"):  # fmt: skip
+        data = copy.deepcopy(base)
+        data["quantize"]["calibration_ranges"] = bad
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(TargetConfigError, match="calibration_ranges"):
+            load_target(str(path))
+    data = copy.deepcopy(base)
+    data["quantize"]["calibration_ranges"] = []
+    path.write_text(yaml.safe_dump(data))
+    assert load_target(str(path)).quantize.calibration_ranges == ()
+
+
 def test_coral_profiles_never_get_float_fallback(planted: dict, data: dict[str, ImageSet], tmp_path: Path) -> None:
     from pipeline.quantize.remedies import run_remedies
     from pipeline.stages.convert import full_integer_only

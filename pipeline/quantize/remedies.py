@@ -6,9 +6,12 @@ With `max_accuracy_drop` set, a model must also keep its validation accuracy wit
 model's before the remedies stop (`meets`).
 
 1. `calibration`: more calibration images (the calibration set plus training images, up to
-   `CALIBRATION_FACTOR` x the profile's count), and the same pool with the images that set extreme activation
-   ranges dropped (pipeline/quantize/calibset.py: percentile-like ranges, since onnx2tf 1.29 calibrates with
-   TensorFlow's min/max only and has no percentile or KL option); the better of the two is the remedy's model.
+   `CALIBRATION_FACTOR` x the profile's count), the same pool with the images that set extreme activation
+   ranges dropped (pipeline/quantize/calibset.py), and the full pool with each of `quantize.calibration_ranges`
+   in place of TensorFlow's min/max ranges (onnx2tf 1.29 calibrates with min/max only and has no percentile or
+   KL option, so tfconv rewrites the calibrated model's ranges from per-tensor histograms before TensorFlow's
+   quantizer: pipeline/quantize/ranges.py); the best of these is the remedy's model, and the remedies after it
+   that convert again keep its range method (QAT excepted: it learns its own).
 2. `equalization`: cross-layer equalization + bias correction in PyTorch (pipeline/quantize/equalize.py),
    re-exported and re-converted.
 3. `selective`: the ops with the largest share of the error kept in float (1, 2, 4 ... up to
@@ -81,6 +84,7 @@ class RemedyJob:
     extra_args: Callable[[Path], Sequence[str]] = lambda _: ()
     max_accuracy_drop: float | None = None  # a fraction of the float accuracy (None: agreement alone decides)
     timing: Callable[[Path], float] | None = None  # p50 ms of a .tflite file, when latency is measured
+    calibration_ranges: tuple[str, ...] = ()  # the range methods `calibration` also tries (tfconv "ranges")
 
 
 @dataclass
@@ -91,6 +95,7 @@ class Candidate:
     saved_model: Path | None
     model: nn.Module  # the float model this int8 file was converted from
     calibration: ImageSet
+    ranges: str | None = None  # activation ranges from histograms ("mse", "percentile:Q"); None: min/max
     agreement: float = 0.0
     accuracy: float | None = None
     size_bytes: int = 0
@@ -190,19 +195,46 @@ def _calibration(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Cand
     calib = ImageSet(images, None, job.calibration.class_names, f"{job.calibration.source} + {extra.source}")
     more = ref.measure(_convert(job, best.model, calib, work, "calibration"), job)
     more.name = f"calibration ({len(calib)} images)"
-    more.details = {"pool_images": len(calib), "calibration_images": len(calib), "outliers_dropped": 0}
-    winner, tries = more, [{"images": len(calib), "outliers_dropped": 0, "agreement": more.agreement}]
+    more.details = {"pool_images": len(calib), "calibration_images": len(calib), "outliers_dropped": 0,
+                    "ranges": "minmax"}  # fmt: skip
+    winner, tries = more, [_calibration_try(more)]
     trimmed = trim_outliers(best.model, job.spec.to_tensor(images))
     if trimmed.dropped:
         kept = ImageSet(images[trimmed.keep], None, calib.class_names,
                         f"{calib.source}, {trimmed.dropped} outlier images dropped")  # fmt: skip
         t = ref.measure(_convert(job, best.model, kept, work, "calibration-trimmed"), job)
         t.name = f"calibration ({len(kept)} images, {trimmed.dropped} outliers dropped)"
-        t.details = {"pool_images": len(calib), "calibration_images": len(kept), "outliers_dropped": trimmed.dropped}
-        tries.append({"images": len(kept), "outliers_dropped": trimmed.dropped, "agreement": t.agreement})
+        t.details = {"pool_images": len(calib), "calibration_images": len(kept), "outliers_dropped": trimmed.dropped,
+                     "ranges": "minmax"}  # fmt: skip
+        tries.append(_calibration_try(t))
         winner = t if _better(t, more, job, ref) else more
+    for method in job.calibration_ranges:
+        r = ref.measure(_with_ranges(job, more, method, work / "calibration-ranges"), job)
+        r.name = f"calibration ({len(calib)} images, {method.replace(':', ' ')} ranges)"
+        tries.append(_calibration_try(r))
+        if _better(r, winner, job, ref):
+            winner = r
     winner.details.update(was=len(job.calibration), tries=tries)
     return winner
+
+
+def _calibration_try(c: Candidate) -> dict[str, Any]:
+    keys = ("calibration_images", "outliers_dropped", "ranges", "ranges_changed")
+    return {**{k: c.details[k] for k in keys if k in c.details}, "agreement": c.agreement, "accuracy": c.accuracy}
+
+
+def _with_ranges(job: RemedyJob, base: Candidate, method: str, folder: Path) -> Candidate:
+    """`base`'s SavedModel quantized again with activation ranges from histograms on its calibration images
+    (`method`: "mse" or "percentile:Q", pipeline/quantize/ranges.py) in place of TensorFlow's min/max. The
+    calibration remedy gives it the full pool, not the trimmed one: a range method clips extreme activations
+    itself. Later remedies that convert again keep the method (`Candidate.ranges`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = requantize_float(job, base, (), folder / f"{method.replace(':', '_')}.tflite", ranges=method)
+    changed = json.loads(out.with_name(f"{out.stem}.ranges.json").read_text())
+    c = Candidate(base.name, out, base.fp32, base.saved_model, base.model, base.calibration, ranges=method)
+    c.details = {**base.details, "ranges": method, "ranges_changed": len(changed["changed"]),
+                 "ranges_tensors": changed["tensors"]}  # fmt: skip
+    return c
 
 
 def _equalization(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Candidate:
@@ -211,7 +243,9 @@ def _equalization(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Can
     calib = torch.as_tensor(job.spec.to_tensor(best.calibration.subset(256, seed=job.seed).images))
     model, rec = equalize(best.model, calib)
     c = _convert(job, model, best.calibration, work, "equalization")
-    c.details = rec.to_dict()
+    if best.ranges is not None:  # the calibration remedy's ranges, chosen on the model before equalization
+        c = _with_ranges(job, c, best.ranges, work / "equalization-ranges")
+    c.details = {**rec.to_dict(), **({"ranges": best.ranges} if best.ranges else {})}
     return ref.measure(c, job)
 
 
@@ -285,7 +319,8 @@ def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: A
     ranked = [o for o in errors.worst(job.max_float_ops) if o.share > 0]
     if best.saved_model is None:  # the convert stage kept no SavedModel: the same conversion once more
         again = _convert(job, best.model, best.calibration, work, "plain")
-        best = Candidate(best.name, again.int8, again.fp32, again.saved_model, best.model, best.calibration)
+        best = Candidate(best.name, again.int8, again.fp32, again.saved_model, best.model, best.calibration,
+                         ranges=best.ranges)  # fmt: skip
     tries: list[dict[str, Any]] = []
     chosen: Candidate | None = None
     k = 1
@@ -293,7 +328,7 @@ def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: A
     while ranked and k <= len(ranked):
         ops = ranked[:k]
         tensors = [t for o in ops for t in (o.tensor, *o.passthrough)]
-        path = requantize_float(job, best, tensors, work / "selective" / f"float{k}.tflite")
+        path = requantize_float(job, best, tensors, work / "selective" / f"float{k}.tflite", ranges=best.ranges)
         c = Candidate(
             f"selective ({k} float op{'s' if k > 1 else ''})",
             path,
@@ -301,8 +336,11 @@ def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: A
             best.saved_model,
             best.model,
             best.calibration,
+            ranges=best.ranges,
         )
         c.details = {"float_ops": [o.where() for o in ops], "float_tensors": tensors}
+        if best.ranges:
+            c.details["ranges"] = best.ranges
         ref.measure(c, job)
         tries.append({"float_ops": k, "agreement": c.agreement, "p50_ms": c.p50_ms})
         if chosen is None or _better(c, chosen, job, ref):

@@ -63,7 +63,8 @@ class QuantizeConvertStage(ConvertStage):
         return {**super().config(ctx), "min_agreement": q.min_agreement, "remedies": list(q.remedies),
                 "max_accuracy_drop": q.max_accuracy_drop,
                 "max_float_ops": q.max_float_ops, "qat_steps": q.qat_steps, "remedy_images": q.remedy_images,
-                "val": desc["val"], "train": desc["train"], "seed": ctx.req.seed, "remedies_version": 2}  # fmt: skip
+                "calibration_ranges": list(q.calibration_ranges),
+                "val": desc["val"], "train": desc["train"], "seed": ctx.req.seed, "remedies_version": 3}  # fmt: skip
 
     def run(self, ctx: Context, out: Path) -> QuantizedConvertResult:
         base = super().run(ctx, out)
@@ -96,7 +97,7 @@ class QuantizeConvertStage(ConvertStage):
             extra_calibration=ctx.data.train_sample(3 * q.calibration_images, seed=seed + 7),
             train=ctx.data.train_sample(QAT_IMAGES, seed=seed + 8), min_agreement=q.min_agreement,
             max_accuracy_drop=q.max_accuracy_drop, remedies=tuple(q.remedies), int8_io=q.int8_io,
-            full_integer_only=edgetpu, max_float_ops=q.max_float_ops,
+            full_integer_only=edgetpu, max_float_ops=q.max_float_ops, calibration_ranges=tuple(q.calibration_ranges),
             qat_steps=q.qat_steps, threads=host.threads, seed=seed,
             extra_args=(lambda p: edgetpu_fixes(p).args) if edgetpu else (lambda p: ()),
             timing=lambda p: float(profile_local(p, timing)["latency_ms"]["p50"]),
