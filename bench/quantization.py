@@ -36,6 +36,7 @@ from pipeline.data.imageset import ImageSet
 from pipeline.deploy import REPO
 from pipeline.models.spec import ModelSpec
 from pipeline.quantize.budget import drop_within
+from pipeline.targets import Quantize, range_method_ok
 
 SECTION = "## Quantization"
 GOAL = 0.99
@@ -173,7 +174,7 @@ def _bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, A
                     saved_model=out / "saved_model", val=data["val"], calibration=data["calibration"],
                     extra_calibration=data["train"], train=data["train"], min_agreement=1.01, remedies=REMEDIES,
                     int8_io="int8", full_integer_only=False, max_float_ops=args.max_float_ops,
-                    qat_steps=args.qat_steps, threads=1, seed=0,
+                    qat_steps=args.qat_steps, threads=1, seed=0, calibration_ranges=tuple(args.calibration_ranges),
                     timing=lambda p: float(profile_local(p, timing)["latency_ms"]["p50"]))  # fmt: skip
     start = time.perf_counter()
     rec = run_remedies(job, out)
@@ -299,9 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--qat-steps", type=int, default=300)
     ap.add_argument("--max-float-ops", type=int, default=4)
+    ap.add_argument(
+        "--calibration-ranges",
+        nargs="*",
+        default=list(Quantize().calibration_ranges),
+        help="range methods the calibration remedy tries beside min/max (quantize.calibration_ranges)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
+    if bad := [m for m in args.calibration_ranges if not range_method_ok(m)]:
+        ap.error(f"--calibration-ranges: {bad} not range methods; valid: mse, percentile:Q (90 <= Q < 100)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="bench-quant-"))
