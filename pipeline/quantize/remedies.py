@@ -272,7 +272,7 @@ def _qat(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Candidate:
 def requantize_float(job: RemedyJob, best: Candidate, tensors: Sequence[str], out: Path, *, mode: str = "int8",
                      ranges: str | None = None) -> Path:  # fmt: skip
     """`best`'s SavedModel quantized again with `tensors` (op outputs) kept float, or (mode "16x8") with int16
-    activations; returns the file."""
+    activations, and with `ranges` (tfconv: "mse" | "percentile:Q") in place of min/max; returns the file."""
     from pipeline.errors import ConversionError
     from pipeline.proc import run_tool
 
@@ -309,7 +309,8 @@ def requantize_float(job: RemedyJob, best: Candidate, tensors: Sequence[str], ou
     )
     if done.rc != 0 or not out.is_file():
         tail = (folder / f"{out.stem}.log").read_text(errors="replace")[-1500:]
-        what = "16x8 quantization" if mode == "16x8" else "selective quantization"
+        what = ("16x8 quantization" if mode == "16x8" else "selective quantization" if tensors
+                else f"quantization with {ranges} activation ranges")  # fmt: skip
         raise ConversionError(f"{what} of {best.saved_model} failed (exit {done.rc}):\n{tail}")
     return out
 

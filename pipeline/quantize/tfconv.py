@@ -9,7 +9,8 @@ of the profile's `quantize.int8_io`.
 
 job.json: {"saved_model": dir, "calibration": calib.npy (NHWC 0-1 float32), "mean": [...], "std": [...],
 "per_channel": bool, "int8_io": "int8"|"uint8"|"float32", "denylisted_nodes": [tensor names], "out": path,
-"mode": "int8" (default) | "16x8"}
+"mode": "int8" (default) | "16x8", "ranges": null | "mse" | "percentile:Q" (int8 mode: inner activation ranges
+from histograms, pipeline/quantize/ranges.py), "ranges_out": path (what the ranges changed)}
 
 Mode "16x8": int16 activations and int8 weights (TensorFlow's
 EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, with float kernels allowed for ops that have no
