@@ -245,7 +245,7 @@ def _equalization(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Can
     c = _convert(job, model, best.calibration, work, "equalization")
     if best.ranges is not None:  # the calibration remedy's ranges, chosen on the model before equalization
         c = _with_ranges(job, c, best.ranges, work / "equalization-ranges")
-    c.details = {**rec.to_dict(), **({"ranges": best.ranges} if best.ranges else {})}
+    c.details = {**rec.to_dict(), **c.details}  # with the ranges' record when they were applied
     return ref.measure(c, job)
 
 
