@@ -288,7 +288,7 @@ def test_calibration_tries_histogram_ranges_and_ships_the_best(planted: dict, da
                                                                tmp_path: Path) -> None:  # fmt: skip
     """The calibration remedy measures each of calibration_ranges (ranges rewritten from histograms before
     TensorFlow's quantizer) beside min/max, and ships whichever agrees best; the file shipped is the one measured."""
-    from pipeline.quantize.remedies import run_remedies
+    from pipeline.quantize.remedies import Candidate, _with_ranges, run_remedies
     from pipeline.tflite import load_interpreter
 
     job = _job(planted, data, tmp_path, remedies=("calibration",), calibration_ranges=("mse", "percentile:99.9"))
@@ -305,7 +305,18 @@ def test_calibration_tries_histogram_ranges_and_ships_the_best(planted: dict, da
     if cal["kept"]:
         shipped = tmp_path / "model_int8.tflite"
         assert _agreement(planted["model"], shipped, data["val"]) == pytest.approx(cal["agreement"])
-        assert load_interpreter(shipped, threads=1).get_input_details()[0]["dtype"] == np.int8  # still full int8
+
+    # every ranges file is full-integer with the plain file's ops (what Edge TPU targets get from it)
+    def ops(path: Path) -> list[str]:
+        return sorted(o["op_name"] for o in load_interpreter(path, threads=1)._get_ops_details())
+
+    assert not (tmp_path / ".quantize").exists()  # the work folder is gone once the remedies end
+    again = _job(planted, data, tmp_path / "keep")
+    base = Candidate("plain", again.int8, again.fp32, planted["saved_model"], planted["model"], data["calibration"])
+    r = _with_ranges(again, base, "mse", tmp_path / "keep" / "ranges")
+    assert ops(r.int8) == ops(planted["int8"]) and "DEQUANTIZE" not in ops(r.int8)
+    interp = load_interpreter(r.int8, threads=1)
+    assert interp.get_input_details()[0]["dtype"] == np.int8 and interp.get_output_details()[0]["dtype"] == np.int8
 
 
 def test_profile_rejects_a_bad_calibration_range_method(tmp_path: Path) -> None:
