@@ -319,6 +319,23 @@ def test_calibration_tries_histogram_ranges_and_ships_the_best(planted: dict, da
     assert interp.get_input_details()[0]["dtype"] == np.int8 and interp.get_output_details()[0]["dtype"] == np.int8
 
 
+def test_a_failing_range_method_is_recorded_and_the_others_stand(planted: dict, data: dict[str, ImageSet],
+                                                                 tmp_path: Path, monkeypatch) -> None:  # fmt: skip
+    from pipeline.errors import ConversionError
+    from pipeline.quantize import remedies
+
+    def broken(*a, **kw):
+        raise ConversionError("quantization with mse activation ranges of saved_model failed (exit 1)")
+
+    monkeypatch.setattr(remedies, "requantize_float", broken)
+    job = _job(planted, data, tmp_path, remedies=("calibration",), calibration_ranges=("mse",))
+    rec = remedies.run_remedies(job, tmp_path)
+    cal = rec["steps"][1]
+    assert cal["ranges"] == "minmax" and cal["agreement"] is not None
+    failed = [t for t in cal["tries"] if t.get("failed")]
+    assert [t["ranges"] for t in failed] == ["mse"] and "exit 1" in failed[0]["failed"]
+
+
 def test_profile_rejects_a_bad_calibration_range_method(tmp_path: Path) -> None:
     from pipeline.errors import TargetConfigError
     from pipeline.targets import TARGETS_DIR, load_target

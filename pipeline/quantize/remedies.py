@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from pipeline.data.imageset import ImageSet
+from pipeline.errors import ConversionError
 from pipeline.models.spec import ModelSpec
 from pipeline.quantize.budget import drop_within
 from pipeline.quantize.calibset import trim_outliers
@@ -209,7 +210,12 @@ def _calibration(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Cand
         tries.append(_calibration_try(t))
         winner = t if _better(t, more, job, ref) else more
     for method in job.calibration_ranges:
-        r = ref.measure(_with_ranges(job, more, method, work / "calibration-ranges"), job)
+        try:
+            r = ref.measure(_with_ranges(job, more, method, work / "calibration-ranges"), job)
+        except ConversionError as exc:  # one range method failing leaves the others and min/max standing
+            log.warning("calibration with %s ranges failed, skipped: %s", method, exc)
+            tries.append({"calibration_images": len(calib), "ranges": method, "failed": str(exc)[-500:]})
+            continue
         r.name = f"calibration ({len(calib)} images, {method.replace(':', ' ')} ranges)"
         tries.append(_calibration_try(r))
         if _better(r, winner, job, ref):
@@ -273,7 +279,6 @@ def requantize_float(job: RemedyJob, best: Candidate, tensors: Sequence[str], ou
                      ranges: str | None = None) -> Path:  # fmt: skip
     """`best`'s SavedModel quantized again with `tensors` (op outputs) kept float, or (mode "16x8") with int16
     activations, and with `ranges` (tfconv: "mse" | "percentile:Q") in place of min/max; returns the file."""
-    from pipeline.errors import ConversionError
     from pipeline.proc import run_tool
 
     folder = out.parent
