@@ -36,7 +36,8 @@ from pipeline.data.imageset import ImageSet
 from pipeline.deploy import REPO
 from pipeline.models.spec import ModelSpec
 from pipeline.quantize.budget import drop_within
-from pipeline.targets import Quantize, range_method_ok
+from pipeline.quantize.ranges import METHODS, range_picker
+from pipeline.targets import Quantize
 
 SECTION = "## Quantization"
 GOAL = 0.99
@@ -309,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    if bad := [m for m in args.calibration_ranges if not range_method_ok(m)]:
-        ap.error(f"--calibration-ranges: {bad} not range methods; valid: mse, percentile:Q (90 <= Q < 100)")
+    if bad := [m for m in args.calibration_ranges if range_picker(m) is None]:
+        ap.error(f"--calibration-ranges: {bad} not range methods; valid: {METHODS}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="bench-quant-"))

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import TargetConfigError
+from pipeline.quantize.ranges import METHODS, range_picker
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 ALIASES_FILE = "aliases.yaml"
@@ -177,14 +178,6 @@ class Finetune(_Frozen):
         return self
 
 
-def range_method_ok(method: str) -> bool:
-    """'mse', or 'percentile:Q' with 90 <= Q < 100 (pipeline/quantize/ranges.py)."""
-    if method == "mse":
-        return True
-    m = re.fullmatch(r"percentile:(\d{2}(?:\.\d{1,6})?)", method)
-    return m is not None and 90 <= float(m.group(1)) < 100
-
-
 class Quantize(_Frozen):
     """`ship: auto` ships the fastest precision, measured where the model is profiled (the device, else this
     host), whose accuracy drop stays within `budgets.max_accuracy_drop`; the decisions made before that (the
@@ -217,9 +210,8 @@ class Quantize(_Frozen):
         if len(set(self.remedies)) != len(self.remedies):
             raise ValueError(f"remedies: listed twice: {list(self.remedies)}")
         for method in self.calibration_ranges:
-            if not range_method_ok(method):
-                raise ValueError(f"calibration_ranges: {method!r} is not a range method; valid: 'mse' or "
-                                 "'percentile:Q' with 90 <= Q < 100 (e.g. 'percentile:99.99')")  # fmt: skip
+            if range_picker(method) is None:
+                raise ValueError(f"calibration_ranges: {method!r} is not a range method; valid: {METHODS}")
         if len(set(self.calibration_ranges)) != len(self.calibration_ranges):
             raise ValueError(f"calibration_ranges: listed twice: {list(self.calibration_ranges)}")
         if self.ship != "auto" and self.ship not in self.precisions:

@@ -13,6 +13,8 @@ and writes the chosen ranges into the calibrated model before TensorFlow's quant
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,3 +83,18 @@ def percentile_range(h: Histogram, q: float) -> tuple[float, float]:
     lo = edges[int(np.searchsorted(cdf, tail, side="left"))]
     hi = edges[int(np.searchsorted(cdf, 1.0 - tail, side="left")) + 1]
     return min(float(lo), 0.0), max(float(hi), 0.0)
+
+
+METHODS = "'mse' or 'percentile:Q' with 90 <= Q < 100 (e.g. 'percentile:99.99')"
+
+
+def range_picker(method: str) -> Callable[[Histogram], tuple[float, float]] | None:
+    """The range function `method` names ("mse", or "percentile:Q" with 90 <= Q < 100); None if it names none.
+    The one parser of the format: the profile's `quantize.calibration_ranges`, the bench and tfconv use it."""
+    if method == "mse":
+        return mse_range
+    m = re.fullmatch(r"percentile:(\d{2}(?:\.\d{1,6})?)", method)
+    if m is None or not 90 <= float(m.group(1)) < 100:
+        return None
+    q = float(m.group(1))
+    return lambda h: percentile_range(h, q)

@@ -95,7 +95,11 @@ def _set_ranges(calibrated: bytes, job: dict[str, Any]) -> bytes:
     from ai_edge_litert.interpreter import Interpreter
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from pipeline.quantize.ranges import Histogram, mse_range, percentile_range
+    from pipeline.quantize.ranges import METHODS, Histogram, range_picker
+
+    method = str(job["ranges"])
+    if (pick := range_picker(method)) is None:
+        raise SystemExit(f"tfconv: ranges {method!r} is not a range method; valid: {METHODS}")
 
     model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
     graph = model.subgraphs[0]
@@ -115,11 +119,10 @@ def _set_ranges(calibrated: bytes, job: dict[str, Any]) -> bytes:
         interp.invoke()
         for i, h in hists.items():
             h.add(interp.get_tensor(i))
-    method = str(job["ranges"])
     changed = []
     for i, t in chosen.items():
         h = hists[i]
-        lo, hi = mse_range(h) if method == "mse" else percentile_range(h, float(method.split(":", 1)[1]))
+        lo, hi = pick(h)
         was = (float(t.quantization.min[0]), float(t.quantization.max[0]))
         if (lo, hi) != (h.lo, h.hi):
             t.quantization.min, t.quantization.max = [lo], [hi]
