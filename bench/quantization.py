@@ -36,8 +36,7 @@ from pipeline.data.imageset import ImageSet
 from pipeline.deploy import REPO
 from pipeline.models.spec import ModelSpec
 from pipeline.quantize.budget import drop_within
-from pipeline.quantize.ranges import METHODS, range_picker
-from pipeline.targets import Quantize
+from pipeline.targets import RANGE_METHODS, Quantize, range_method
 
 SECTION = "## Quantization"
 GOAL = 0.99
@@ -310,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    if bad := [m for m in args.calibration_ranges if range_picker(m) is None]:
-        ap.error(f"--calibration-ranges: {bad} not range methods; valid: {METHODS}")
+    if bad := [m for m in args.calibration_ranges if range_method(m) is None]:
+        ap.error(f"--calibration-ranges: {bad} not range methods; valid: {RANGE_METHODS}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="bench-quant-"))

@@ -18,7 +18,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import TargetConfigError
-from pipeline.quantize.ranges import METHODS, range_picker
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 ALIASES_FILE = "aliases.yaml"
@@ -178,6 +177,20 @@ class Finetune(_Frozen):
         return self
 
 
+RANGE_METHODS = "'mse' or 'percentile:Q' with 90 <= Q < 100 (e.g. 'percentile:99.99')"
+
+
+def range_method(method: str) -> tuple[str, float] | None:
+    """("mse", 0) or ("percentile", Q) for a range method (pipeline/quantize/ranges.py), None for anything else:
+    the one parser of the format (the profile's `quantize.calibration_ranges`, the bench, tfconv)."""
+    if method == "mse":
+        return "mse", 0.0
+    m = re.fullmatch(r"percentile:(\d{2}(?:\.\d{1,6})?)", method)
+    if m is None or not 90 <= float(m.group(1)) < 100:
+        return None
+    return "percentile", float(m.group(1))
+
+
 class Quantize(_Frozen):
     """`ship: auto` ships the fastest precision, measured where the model is profiled (the device, else this
     host), whose accuracy drop stays within `budgets.max_accuracy_drop`; the decisions made before that (the
@@ -210,8 +223,8 @@ class Quantize(_Frozen):
         if len(set(self.remedies)) != len(self.remedies):
             raise ValueError(f"remedies: listed twice: {list(self.remedies)}")
         for method in self.calibration_ranges:
-            if range_picker(method) is None:
-                raise ValueError(f"calibration_ranges: {method!r} is not a range method; valid: {METHODS}")
+            if range_method(method) is None:
+                raise ValueError(f"calibration_ranges: {method!r} is not a range method; valid: {RANGE_METHODS}")
         if len(set(self.calibration_ranges)) != len(self.calibration_ranges):
             raise ValueError(f"calibration_ranges: listed twice: {list(self.calibration_ranges)}")
         if self.ship != "auto" and self.ship not in self.precisions:

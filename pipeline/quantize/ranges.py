@@ -7,17 +7,19 @@ written back is the one that minimizes the expected squared int8 error over the 
 range cost their rounding error (step^2 / 12, 255 steps), values outside it their clipping error. The range
 always holds 0 (TFLite's zero point must be exact), and a tensor whose best range is its min/max keeps it.
 
-Pure numpy: tfconv.py (the TensorFlow subprocess) reads the calibrated model's tensors, fills the histograms
-and writes the chosen ranges into the calibrated model before TensorFlow's quantizer runs on it.
+numpy only (the method format is parsed by pipeline.targets.range_method): tfconv.py (the TensorFlow
+subprocess) reads the calibrated model's tensors, fills the histograms and writes the chosen ranges into the
+calibrated model before TensorFlow's quantizer runs on it.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from pipeline.targets import range_method
 
 BINS = 2048
 LEVELS = 256  # int8
@@ -85,16 +87,10 @@ def percentile_range(h: Histogram, q: float) -> tuple[float, float]:
     return min(float(lo), 0.0), max(float(hi), 0.0)
 
 
-METHODS = "'mse' or 'percentile:Q' with 90 <= Q < 100 (e.g. 'percentile:99.99')"
-
-
 def range_picker(method: str) -> Callable[[Histogram], tuple[float, float]] | None:
-    """The range function `method` names ("mse", or "percentile:Q" with 90 <= Q < 100); None if it names none.
-    The one parser of the format: the profile's `quantize.calibration_ranges`, the bench and tfconv use it."""
-    if method == "mse":
-        return mse_range
-    m = re.fullmatch(r"percentile:(\d{2}(?:\.\d{1,6})?)", method)
-    if m is None or not 90 <= float(m.group(1)) < 100:
+    """The range function `method` names (pipeline.targets.range_method parses it); None if it names none."""
+    parsed = range_method(method)
+    if parsed is None:
         return None
-    q = float(m.group(1))
-    return lambda h: percentile_range(h, q)
+    kind, q = parsed
+    return mse_range if kind == "mse" else lambda h: percentile_range(h, q)

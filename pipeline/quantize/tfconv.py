@@ -95,11 +95,12 @@ def _set_ranges(calibrated: bytes, job: dict[str, Any]) -> bytes:
     from ai_edge_litert.interpreter import Interpreter
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from pipeline.quantize.ranges import METHODS, Histogram, range_picker
+    from pipeline.quantize.ranges import Histogram, range_picker
+    from pipeline.targets import RANGE_METHODS
 
     method = str(job["ranges"])
     if (pick := range_picker(method)) is None:
-        raise SystemExit(f"tfconv: ranges {method!r} is not a range method; valid: {METHODS}")
+        raise SystemExit(f"tfconv: ranges {method!r} is not a range method; valid: {RANGE_METHODS}")
 
     model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
     graph = model.subgraphs[0]
