@@ -177,14 +177,15 @@ class Finetune(_Frozen):
         return self
 
 
-RANGE_METHODS = "'mse' or 'percentile:Q' with 90 <= Q < 100 (e.g. 'percentile:99.99')"
+RANGE_METHODS = "'measured', 'mse' or 'percentile:Q' with 90 <= Q < 100 (e.g. 'percentile:99.99')"
 
 
 def range_method(method: str) -> tuple[str, float] | None:
-    """("mse", 0) or ("percentile", Q) for a range method (pipeline/quantize/ranges.py), None for anything else:
-    the one parser of the format (the profile's `quantize.calibration_ranges`, the bench, tfconv)."""
-    if method == "mse":
-        return "mse", 0.0
+    """("measured", 0), ("mse", 0) or ("percentile", Q) for a range method (pipeline/quantize/ranges.py), None
+    for anything else: the one parser of the format (the profile's `quantize.calibration_ranges`, the bench,
+    tfconv)."""
+    if method in ("measured", "mse"):
+        return method, 0.0
     m = re.fullmatch(r"percentile:(\d{2}(?:\.\d{1,6})?)", method)
     if m is None or not 90 <= float(m.group(1)) < 100:
         return None
@@ -216,7 +217,7 @@ class Quantize(_Frozen):
     # the `calibration` remedy also tries these activation ranges in place of TensorFlow's min/max, chosen from
     # a histogram of each tensor on the calibration images: "mse" (least expected int8 error) or "percentile:Q"
     # (the central Q% of the values, 90 <= Q < 100); [] tries min/max only
-    calibration_ranges: tuple[str, ...] = ("mse", "percentile:99.99")
+    calibration_ranges: tuple[str, ...] = ("measured", "mse", "percentile:99.99")
 
     @model_validator(mode="after")
     def _ship_is_built(self) -> Quantize:

@@ -10,6 +10,7 @@ unchanged while int8 loses the other 15 channels of conv2's output (one per-tens
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -319,6 +320,57 @@ def test_calibration_tries_histogram_ranges_and_ships_the_best(planted: dict, da
     assert interp.get_input_details()[0]["dtype"] == np.int8 and interp.get_output_details()[0]["dtype"] == np.int8
 
 
+def test_measured_ranges_repair_the_calibrators_in_place_fault(data: dict[str, ImageSet], tmp_path: Path) -> None:
+    """TFLite's calibrator logs an op's inputs again after running it, so a conv whose buffer the following
+    in-place MUL (x * 30) reuses is recorded with the MUL's range (tensorflow/tensorflow#127842): the plain
+    int8 file quantizes the conv's output 30x too coarsely. "measured" writes each tensor's true min/max."""
+    from pipeline.convert.convert_tflite import convert_tflite
+    from pipeline.convert.export_onnx import export_onnx
+    from pipeline.quantize.remedies import Candidate, RemedyJob, _with_ranges
+    from pipeline.tflite import load_interpreter
+
+    torch.manual_seed(0)
+    model = ScaledBranches().eval()
+    onnx = export_onnx(model, SPEC, tmp_path / "model.onnx", check_images=data["val"].images[:8])
+    files = convert_tflite(onnx, SPEC, tmp_path, precisions=("fp32", "int8"), calibration=data["calibration"],
+                           saved_model_dir=tmp_path / "saved_model")  # fmt: skip
+    job = RemedyJob(model=model, spec=SPEC, onnx=onnx.path, fp32=files["fp32"].path, int8=files["int8"].path,
+                    saved_model=tmp_path / "saved_model", val=data["val"], calibration=data["calibration"],
+                    extra_calibration=data["train"], train=data["train"], min_agreement=1.01, remedies=(),
+                    int8_io="int8", full_integer_only=True, max_float_ops=2, qat_steps=0, threads=1,
+                    seed=0)  # fmt: skip
+    base = Candidate("plain", job.int8, job.fp32, job.saved_model, model, data["calibration"])
+    fixed = _with_ranges(job, base, "measured", tmp_path / "measured")
+    changed = json.loads((tmp_path / "measured" / "measured.ranges.json").read_text())["changed"]
+    wide = [c for c in changed if c["was"][1] > 20 * c["seen"][1] > 0]
+    assert len(wide) == 1, changed  # conv a: recorded with the MUL's range
+    assert wide[0]["now"] == pytest.approx(wide[0]["seen"]) and fixed.details["ranges_changed"] == len(changed)
+
+    def mul_scales(path: Path) -> tuple[float, float]:
+        """(scale of the MUL's activation input, conv a's output; scale of its output) in the int8 file."""
+        interp = load_interpreter(path, threads=1)
+        det = {d["index"]: d for d in interp.get_tensor_details()}
+        mul = next(o for o in interp._get_ops_details() if o["op_name"] == "MUL")
+        act = next(i for i in mul["inputs"] if len(det[i]["shape"]) == 4)
+        return det[act]["quantization"][0], det[mul["outputs"][0]]["quantization"][0]
+
+    plain_in, plain_out = mul_scales(job.int8)
+    fixed_in, fixed_out = mul_scales(fixed.int8)
+    assert plain_in == pytest.approx(plain_out)  # the fault: the conv output got the MUL's (30x) scale
+    assert fixed_in < plain_in / 10 and fixed_out == pytest.approx(plain_out, rel=0.05)
+
+    # the per-op report shows it: conv a's values span a handful of the int8 levels, all of them once measured
+    from pipeline.quantize.operrors import op_errors
+
+    images = np.ascontiguousarray(SPEC.to_tensor(data["val"].images[:32]).permute(0, 2, 3, 1).numpy())
+    levels = {}
+    for name, path in (("plain", job.int8), ("measured", fixed.int8)):
+        rep = op_errors(job.fp32, path, images)
+        levels[name] = [(o.op, o.levels) for o in rep.ops]
+    repaired = [p for p, m in zip(levels["plain"], levels["measured"], strict=True) if p[1] < 20 and m[1] > 100]
+    assert [op for op, _ in repaired] == ["CONV_2D"], levels  # conv a; conv b's few levels are concat's one scale
+
+
 def test_a_failing_range_method_is_recorded_and_the_others_stand(planted: dict, data: dict[str, ImageSet],
                                                                  tmp_path: Path, monkeypatch) -> None:  # fmt: skip
     from pipeline.errors import ConversionError
@@ -341,7 +393,8 @@ def test_profile_rejects_a_bad_calibration_range_method(tmp_path: Path) -> None:
     from pipeline.targets import TARGETS_DIR, load_target
 
     base = yaml.safe_load((TARGETS_DIR / "host.yaml").read_text())
-    assert load_target(str(TARGETS_DIR / "host.yaml")).quantize.calibration_ranges == ("mse", "percentile:99.99")
+    default = load_target(str(TARGETS_DIR / "host.yaml")).quantize.calibration_ranges
+    assert default == ("measured", "mse", "percentile:99.99")
     for bad in (["kl"], ["percentile:101"], ["percentile:50"], ["percentile:"], ["percentile:99.9; rm -rf /"],
                 ["mse", "mse"], "mse"):  # fmt: skip
         data = copy.deepcopy(base)
@@ -523,7 +576,7 @@ def test_report_shows_a_float_fallbacks_latency_cost() -> None:
 def test_qat_ranges_are_the_min_max_of_every_calibration_image_in_eval_mode() -> None:
     """The ranges QAT freezes are what the converter calibrates: min/max over all the calibration images (in
     batches, so none is left out however many there are), with dropout off as in the exported model."""
-    from pipeline.quantize.qat import OBSERVE_BATCH, _observe, _student, insert_act_quant
+    from pipeline.quantize.qat import OBSERVE_BATCH, Calibration, _observe, _student, insert_act_quant
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 26 * 26, 3))
@@ -532,7 +585,7 @@ def test_qat_ranges_are_the_min_max_of_every_calibration_image_in_eval_mode() ->
     gm = _student(model)
     quants = insert_act_quant(gm)
     gm.train()
-    _observe(gm, quants, calib)
+    _observe(gm, quants, Calibration(calib))
     assert gm.training  # the mode it had is restored
     with torch.no_grad():
         logits = model.eval()(calib)

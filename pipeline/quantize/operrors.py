@@ -11,6 +11,10 @@ tensor kept (`experimental_preserve_all_tensors`), one image at a time; per op o
 - `rel_error`: RMS error / RMS value, averaged over the tensor's channels (last NHWC axis). A channel whose
   values are flushed to zero by a scale set by a much wider neighbour scores 1.0, which a whole-tensor figure
   hides.
+- `levels`: how many int8 steps the op's float values span on the images, (max - min) / scale. About 255
+  for a tensor quantized over its own min/max; a few where the range is far wider than the values: measured
+  here where TFLite's calibrator recorded an in-place op's output range for its input (pipeline/quantize/
+  ranges.py), which the calibration remedy's "measured" ranges repair.
 - `added`: how much of that relative error the op adds over the worst of its inputs (0 when it adds none);
   `share` is its share of the sum of `added` over all ops: an *estimate* of the op's share of the output
   error (errors do not add up exactly), used to rank the ops.
@@ -62,6 +66,7 @@ class OpError:
     added: float
     share: float
     passthrough: tuple[str, ...] = ()  # output tensors of the PAD/RESHAPE/... ops right after it
+    levels: float = float("nan")  # int8 steps the float values span: (max - min) / scale
 
     def where(self) -> str:
         if self.layer is None:
@@ -98,6 +103,7 @@ class _Acc:
         self.e2 = self.f2 = self.q2 = self.dot = 0.0
         self.e2_c: np.ndarray | None = None
         self.f2_c: np.ndarray | None = None
+        self.lo, self.hi = np.inf, -np.inf  # the float values' extremes
 
     def add(self, f: np.ndarray, q: np.ndarray) -> None:
         f, q = f.astype(np.float64), q.astype(np.float64)
@@ -107,6 +113,8 @@ class _Acc:
         self.f2 += float(np.sum(f * f))
         self.q2 += float(np.sum(q * q))
         self.dot += float(np.sum(f * q))
+        if f.size:
+            self.lo, self.hi = min(self.lo, float(f.min())), max(self.hi, float(f.max()))
         c = f.shape[-1] if f.ndim >= 2 else 1
         e2c = np.sum((e * e).reshape(-1, c), axis=0)
         f2c = np.sum((f * f).reshape(-1, c), axis=0)
@@ -260,6 +268,7 @@ def _report(
                 rel_error=rel[out],
                 added=max(0.0, rel[out] - inherited),
                 passthrough=after.get(out, ()),
+                levels=(a.hi - a.lo) / scale if scale else float("nan"),
             )
         )
     total = sum(r["added"] for r in rows) or 1.0

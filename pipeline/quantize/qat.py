@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pipeline.quantize.equalize import EqualizeSkipped
+from pipeline.quantize.ranges import Histogram, range_picker
 from pipeline.quantize.scheme import fake_quant_act, fake_quant_weight
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,15 @@ class ActQuant(nn.Module):
         super().__init__()
         self.register_buffer("lo", torch.tensor(float("inf")))
         self.register_buffer("hi", torch.tensor(float("-inf")))
-        self.mode = "observe"  # observe | train | frozen
+        self.mode = "observe"  # observe | histogram | train | frozen
+        self.edge = False  # the model's input or output: tfconv keeps their min/max whatever the range method
+        self.hist: Histogram | None = None  # filled in mode "histogram"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "histogram":
+            assert self.hist is not None
+            self.hist.add(x.detach().numpy())
+            return x
         if self.mode == "observe":
             self.lo.fill_(min(float(self.lo), float(x.min())))
             self.hi.fill_(max(float(self.hi), float(x.max())))
@@ -106,11 +113,13 @@ class QatRecord:
     kept_step: int = -1  # the checkpoint shipped (the best on validation; `steps` without validation)
     scores: tuple[dict, ...] = ()  # {"step", "agreement", "kl"}: the simulated int8 student on `val`
     selection_images: int = 0  # how many images the checkpoints were scored on (0: none, the last one kept)
+    ranges: str = "minmax"  # the activation ranges trained against (and shipped): min/max or a range method
 
     def to_dict(self) -> dict:
         return {"steps": self.steps, "act_points": self.act_points, "final_loss": self.final_loss,
                 "calibration_images": self.calibration_images, "kept_step": self.kept_step,
-                "selection_images": self.selection_images, "scores": [dict(r) for r in self.scores]}  # fmt: skip
+                "selection_images": self.selection_images, "ranges": self.ranges,
+                "scores": [dict(r) for r in self.scores]}  # fmt: skip
 
 
 def _fused_into_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -144,6 +153,7 @@ def insert_act_quant(gm: torch.fx.GraphModule) -> list[ActQuant]:
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, (node,))
         node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+        q.edge = node.op == "placeholder" or any(u.op == "output" for u in new.users)
         quants.append(q)
     gm.graph.lint()
     gm.recompile()
@@ -164,14 +174,48 @@ def _set_mode(quants: list[ActQuant], mode: str) -> None:
         q.mode = mode
 
 
-def _observe(gm: nn.Module, quants: list[ActQuant], calib: torch.Tensor) -> None:
+@dataclass(frozen=True)
+class Calibration:
+    """The images the converter calibrates the exported model on, and the range method it is given (tfconv's
+    "ranges": "mse" | "percentile:Q"; None: TensorFlow's min/max)."""
+
+    images: torch.Tensor
+    ranges: str | None = None
+
+
+def _observe(gm: nn.Module, quants: list[ActQuant], calibration: Calibration) -> None:
     """Ranges = the min/max of the activations on the calibration images (weights already on the int8 grid),
     in eval mode (no dropout): what TFLite's converter calibrates for the exported model from the same images.
-    In batches of OBSERVE_BATCH: the min/max of the batches' min/max."""
+    In batches of OBSERVE_BATCH: the min/max of the batches' min/max. With `ranges` ("mse" | "percentile:Q"),
+    a second pass counts each inner tensor's values into a histogram over that min/max and its range becomes
+    the one the method picks from it: what tfconv writes for the exported model given the same method and
+    images (the model's input and output keep their min/max there too)."""
     for q in quants:
         q.lo.fill_(float("inf"))
         q.hi.fill_(float("-inf"))
     _set_mode(quants, "observe")
+    calib, ranges = calibration.images, calibration.ranges
+    _forward_all(gm, calib)
+    pick = None if ranges is None else range_picker(ranges)
+    if ranges is not None and pick is None:
+        raise ValueError(f"QAT: {ranges!r} is not a range method")
+    inner = [q for q in quants if not q.edge]
+    if pick is None or not inner:
+        return
+    for q in inner:
+        q.hist = Histogram.over(float(q.lo), float(q.hi))
+        q.mode = "histogram"
+    _forward_all(gm, calib)
+    for q in inner:
+        assert q.hist is not None
+        lo, hi = pick(q.hist)
+        q.lo.fill_(lo)
+        q.hi.fill_(hi)
+        q.hist = None
+        q.mode = "observe"
+
+
+def _forward_all(gm: nn.Module, calib: torch.Tensor) -> None:
     was_training = gm.training
     gm.eval()
     with torch.no_grad():
@@ -211,7 +255,7 @@ class _Val:
     logits: torch.Tensor
 
 
-def _score(gm: nn.Module, quants: list[ActQuant], calib: torch.Tensor, val: _Val) -> tuple[float, float]:
+def _score(gm: nn.Module, quants: list[ActQuant], calib: Calibration, val: _Val) -> tuple[float, float]:
     """(top-1 agreement, -KL) with the teacher of the student as the converter would ship it now: its
     ranges recalibrated on the calibration images (`_observe`), fake-quantized, in eval mode. The ranges stay
     at that calibration (training goes on with them: periodic recalibration)."""
@@ -239,7 +283,7 @@ def _kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return kl * TEMPERATURE**2
 
 
-def _train(gm: nn.Module, teacher: nn.Module, quants: list[ActQuant], data: tuple, calib: torch.Tensor,
+def _train(gm: nn.Module, teacher: nn.Module, quants: list[ActQuant], data: tuple, calib: Calibration,
            val: _Val | None, *, steps: int, lr: float, batch: int, seed: int) -> tuple[float, list, int]:  # fmt: skip
     """Distil for `steps`; with `val`, score the student every EVAL_EVERY steps (step 0, the post-training
     quantized start, included) and end on the best-scoring weights. Returns the last loss, the scores and the
@@ -248,7 +292,7 @@ def _train(gm: nn.Module, teacher: nn.Module, quants: list[ActQuant], data: tupl
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=lr)
     loss = torch.tensor(0.0)
-    _set_mode(quants, "train")
+    _set_mode(quants, "frozen" if calib.ranges else "train")
     scores: list[dict] = []
     best: tuple[tuple[float, float], dict, int] | None = None
     every = max(1, min(EVAL_EVERY, steps // 4))
@@ -284,18 +328,24 @@ def _train(gm: nn.Module, teacher: nn.Module, quants: list[ActQuant], data: tupl
 def qat_finetune(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, calib: torch.Tensor, *,
     val: torch.Tensor | None = None, steps: int = 300, lr: float = LR, batch: int = 64, seed: int = 0,
+    ranges: str | None = None,
 ) -> tuple[nn.Module, QatRecord]:  # fmt: skip
     """A QAT-fine-tuned copy of `model` (the teacher) ready to export, its weights on TFLite's int8 grid.
     `x`, `y`: normalized training images (NCHW) and labels (or None); `calib`: the calibration images, all of
     the ones the converter will calibrate the exported model on (a subset would freeze narrower ranges than
     the converter's min/max over all of them, and the model would ship with ranges it never trained with);
     `val`: held-out images (never test images, and best not the ones the result is then judged on) to keep
-    the best checkpoint on (None: the last one)."""
+    the best checkpoint on (None: the last one); `ranges`: the range method the exported model will be
+    quantized with (tfconv "ranges"; None: min/max): the student then trains against the ranges that method
+    picks on `calib` from the start (recalibrated at every score and at FREEZE_AT; no moving average, which
+    would pull them back toward min/max)."""
     torch.manual_seed(seed)
     teacher = copy.deepcopy(model).eval()
     gm = _student(model)
     quants = insert_act_quant(gm)
-    _observe(gm, quants, calib)  # ranges start at the calibration min/max
+    # "measured" is the true min/max, what _observe measures anyway (it only tells tfconv to write them)
+    calibration = Calibration(calib, None if ranges == "measured" else ranges)
+    _observe(gm, quants, calibration)  # ranges start at the calibration's
     for mod in list(gm.modules()):
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             parametrize.register_parametrization(mod, "weight", _WeightQuant())
@@ -306,10 +356,12 @@ def qat_finetune(
         logits = torch.from_numpy(_torch_logits(teacher, val))
         scored = _Val(val, logits.argmax(1), logits)
     gm.train()
-    final, scores, kept = _train(gm, teacher, quants, (x, y), calib, scored, steps=steps, lr=lr, batch=batch, seed=seed)
+    final, scores, kept = _train(gm, teacher, quants, (x, y), calibration, scored, steps=steps, lr=lr, batch=batch,
+                                 seed=seed)  # fmt: skip
     for mod in list(gm.modules()):
         if parametrize.is_parametrized(mod, "weight"):
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
     gm = _without(gm.eval())
     log.info("QAT: %d steps, %d activation points, loss %.4f, kept step %d", steps, len(quants), final, kept)
-    return gm, QatRecord(steps, len(quants), final, len(calib), kept, tuple(scores), 0 if val is None else len(val))
+    held = 0 if val is None else len(val)
+    return gm, QatRecord(steps, len(quants), final, len(calib), kept, tuple(scores), held, ranges or "minmax")

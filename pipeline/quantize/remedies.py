@@ -8,17 +8,20 @@ model's before the remedies stop (`meets`).
 1. `calibration`: more calibration images (the calibration set plus training images, up to
    `CALIBRATION_FACTOR` x the profile's count), the same pool with the images that set extreme activation
    ranges dropped (pipeline/quantize/calibset.py), and the full pool with each of `quantize.calibration_ranges`
-   in place of TensorFlow's min/max ranges (onnx2tf 1.29 calibrates with min/max only and has no percentile or
-   KL option, so tfconv rewrites the calibrated model's ranges from per-tensor histograms before TensorFlow's
-   quantizer: pipeline/quantize/ranges.py); the best of these is the remedy's model, and the remedies after it
-   that convert again keep its range method (QAT excepted: it learns its own).
+   in place of TensorFlow's calibrator's min/max ("measured": the true min/max, which the calibrator gets
+   wrong for tensors an in-place op reuses; "mse", "percentile:Q": from histograms. onnx2tf 1.29 has no range
+   option, so tfconv rewrites the calibrated model's ranges before TensorFlow's quantizer:
+   pipeline/quantize/ranges.py); the best of these is the remedy's model, and the remedies after it that
+   convert again keep its range method.
 2. `equalization`: cross-layer equalization + bias correction in PyTorch (pipeline/quantize/equalize.py),
    re-exported and re-converted.
 3. `selective`: the ops with the largest share of the error kept in float (1, 2, 4 ... up to
    `max_float_ops`), re-quantized from the same SavedModel (pipeline/quantize/tfconv.py). Never on Edge TPU
    targets: they must stay full-integer.
 4. `qat`: quantization-aware distillation (pipeline/quantize/qat.py), exported through the same converter,
-   calibrated on the profile's calibration set (not the trimmed pool `calibration` may have kept): QAT
+   its ranges written by tfconv: the calibration remedy's range method on its pool when it chose one (QAT
+   then trains against those ranges), else the measured min/max of the profile's calibration set (not the
+   trimmed pool `calibration` may have kept): QAT
    learns to live with the rounding of the ranges it is given, not with activations clipped by ranges
    narrowed on purpose. Measured on the MobileNetV2-style bench model (bench/quantization.py, 500 validation
    images, an earlier run without checkpoint selection): QAT on the trimmed pool's ranges 0.974 agreement, on
@@ -265,13 +268,17 @@ def _qat(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Candidate:
     held = min(QAT_HOLDOUT, len(x) // 5)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(job.seed))
     hold, fit = order[:held], order[held:]
-    # the profile's calibration set, untrimmed (module docstring), all of it: QAT freezes its ranges on every
-    # image the converter then calibrates the exported model on (qat.py)
-    calib = job.spec.to_tensor(job.calibration.images)
-    model, rec = qat_finetune(best.model, x[fit], None if y is None else y[fit], calib,
-                              val=x[hold] if held else None, steps=job.qat_steps, seed=job.seed)  # fmt: skip
-    c = _convert(job, model, job.calibration, work, "qat")
-    c.details = rec.to_dict()
+    # the calibration remedy's range method on its pool, else the measured min/max of the profile's calibration
+    # set, untrimmed (module docstring), all of it: QAT trains against the ranges the exported model is then
+    # given from the same images (qat.py). Written by tfconv, not left to TFLite's calibrator, whose min/max
+    # for a tensor an in-place op overwrites is the op's output range (ranges.py), not what QAT trained with
+    method = best.ranges or "measured"
+    images = best.calibration if best.ranges else job.calibration
+    calib = job.spec.to_tensor(images.images)
+    model, rec = qat_finetune(best.model, x[fit], None if y is None else y[fit], calib, val=x[hold] if held else None,
+                              steps=job.qat_steps, seed=job.seed, ranges=method)  # fmt: skip
+    c = _with_ranges(job, _convert(job, model, images, work, "qat"), method, work / "qat-ranges")
+    c.details = {**rec.to_dict(), **{k: v for k, v in c.details.items() if k.startswith("ranges_")}}
     return ref.measure(c, job)
 
 

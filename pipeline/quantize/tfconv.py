@@ -9,8 +9,8 @@ of the profile's `quantize.int8_io`.
 
 job.json: {"saved_model": dir, "calibration": calib.npy (NHWC 0-1 float32), "mean": [...], "std": [...],
 "per_channel": bool, "int8_io": "int8"|"uint8"|"float32", "denylisted_nodes": [tensor names], "out": path,
-"mode": "int8" (default) | "16x8", "ranges": null | "mse" | "percentile:Q" (int8 mode: inner activation ranges
-from histograms, pipeline/quantize/ranges.py), "ranges_out": path (what the ranges changed)}
+"mode": "int8" (default) | "16x8", "ranges": null | "measured" | "mse" | "percentile:Q" (int8 mode: inner
+activation ranges from the values measured, pipeline/quantize/ranges.py), "ranges_out": path (what changed)}
 
 Mode "16x8": int16 activations and int8 weights (TensorFlow's
 EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, with float kernels allowed for ops that have no
@@ -20,6 +20,7 @@ EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, with float kernels 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,15 @@ def requantize(job: dict[str, Any]) -> None:
 
 def _set_ranges(calibrated: bytes, job: dict[str, Any]) -> bytes:
     """The calibrated model with each inner activation's min/max replaced by the range job["ranges"] picks
-    ("mse" or "percentile:Q", pipeline/quantize/ranges.py) from its values on the calibration images; the
-    model's input and output keep theirs. Writes what changed to job["ranges_out"]."""
-    from ai_edge_litert.interpreter import Interpreter
+    ("measured", "mse" or "percentile:Q", pipeline/quantize/ranges.py) from its values on the calibration
+    images; the model's input and output keep theirs. Writes what changed to job["ranges_out"].
+
+    The values are read from the calibrated model itself, every tensor kept: a first pass finds each tensor's
+    true min/max, a second (not for "measured") counts its values into a histogram over that. Not over the
+    min/max the calibrator recorded: measured on the bench model with a constant MUL after a conv, TFLite's
+    calibrator gave the conv's output the MUL's range (30x wider than the values it takes; the MUL runs in
+    place, so its input buffer holds its output when the calibrator reads it), and a histogram over that would
+    have put all of the tensor's values in a few bins."""
     from tensorflow.lite.tools import flatbuffer_utils
 
     from pipeline.quantize.ranges import Histogram, range_picker
@@ -111,7 +118,29 @@ def _set_ranges(calibrated: bytes, job: dict[str, Any]) -> bytes:
         if i not in ends and t.quantization is not None and t.quantization.min is not None
         and len(t.quantization.min) == 1
     }  # fmt: skip
-    hists = {i: Histogram.over(t.quantization.min[0], t.quantization.max[0]) for i, t in chosen.items()}
+    recorded = {i: (float(t.quantization.min[0]), float(t.quantization.max[0])) for i, t in chosen.items()}
+    seen = _fill(calibrated, job, {i: Histogram.over(lo, hi, bins=1) for i, (lo, hi) in recorded.items()})
+    hists = seen
+    if method != "measured":
+        over = {i: (h.seen_lo, h.seen_hi) if h.seen_lo <= h.seen_hi else recorded[i] for i, h in seen.items()}
+        hists = _fill(calibrated, job, {i: Histogram.over(lo, hi) for i, (lo, hi) in over.items()})
+    changed = []
+    for i, t in chosen.items():
+        lo, hi = pick(hists[i])
+        was = recorded[i]
+        if not (math.isclose(lo, was[0], rel_tol=1e-5, abs_tol=1e-9) and math.isclose(hi, was[1], rel_tol=1e-5)):
+            t.quantization.min, t.quantization.max = [lo], [hi]
+            name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+            changed.append({"tensor": name, "was": was, "seen": (seen[i].seen_lo, seen[i].seen_hi), "now": (lo, hi)})
+    if job.get("ranges_out"):
+        Path(job["ranges_out"]).write_text(json.dumps({"method": method, "tensors": len(chosen), "changed": changed}))
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _fill(calibrated: bytes, job: dict[str, Any], hists: dict[int, Any]) -> dict[int, Any]:
+    """`hists` (tensor index -> Histogram) filled with each tensor's values on the calibration images."""
+    from ai_edge_litert.interpreter import Interpreter
+
     interp = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]["index"]
@@ -120,18 +149,7 @@ def _set_ranges(calibrated: bytes, job: dict[str, Any]) -> bytes:
         interp.invoke()
         for i, h in hists.items():
             h.add(interp.get_tensor(i))
-    changed = []
-    for i, t in chosen.items():
-        h = hists[i]
-        lo, hi = pick(h)
-        was = (float(t.quantization.min[0]), float(t.quantization.max[0]))
-        if (lo, hi) != (h.lo, h.hi):
-            t.quantization.min, t.quantization.max = [lo], [hi]
-            name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
-            changed.append({"tensor": name, "was": was, "now": (lo, hi)})
-    if job.get("ranges_out"):
-        Path(job["ranges_out"]).write_text(json.dumps({"method": method, "tensors": len(chosen), "changed": changed}))
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return hists
 
 
 def _exact_names(calibrated: bytes, wanted: list[str]) -> list[str]:

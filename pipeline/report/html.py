@@ -324,7 +324,7 @@ def _quantization(s: Mapping[str, Any]) -> str:
              ms(r["p50_ms"]), "" if r["vs_plain"] is None else f"{r['vs_plain']:.2f}x", r["status"])
             for r in qf.remedy_rows(s)]  # fmt: skip
     ops = [(f"#{o['op_index']} {o['op']}", o.get("layer") or "", f"{o['error_steps']:.2f}", f"{o['cosine']:.4f}",
-            f"{o['rel_error']:.3f}", pct(o["share"])) for o in qf.worst_ops(s)]  # fmt: skip
+            f"{o['rel_error']:.3f}", qf.levels_text(o), pct(o["share"])) for o in qf.worst_ops(s)]  # fmt: skip
     verdict = "met" if q["met"] else "missed"
     why = q.get("advice") or flips_text(q.get("disagreements") or {}, q["val_images"])
     return "\n".join([
@@ -334,8 +334,8 @@ def _quantization(s: Mapping[str, Any]) -> str:
         table(["remedy", "agreement", "accuracy", "bytes", "p50 (host)", "vs plain int8", "result"], rows,
               numeric=(1, 2, 3, 4, 5)),
         img(qf.op_error_plot(s), "worst int8 ops"),
-        table(["op", "PyTorch layer", "error / scale", "cosine", "rel. error", "share (est.)"], ops,
-              numeric=(2, 3, 4, 5)),
+        table(["op", "PyTorch layer", "error / scale", "cosine", "rel. error", "int8 levels used", "share (est.)"],
+              ops, numeric=(2, 3, 4, 5, 6)),
         f"<p>{esc(why)}</p>" if why else "",
     ])  # fmt: skip
 

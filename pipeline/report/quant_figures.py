@@ -40,6 +40,12 @@ def worst_ops(s: Mapping[str, Any], which: str = "plain", top: int = TOP) -> lis
     return list(((q.get("op_errors") or {}).get(which) or {}).get("worst") or [])[:top]
 
 
+def levels_text(o: Mapping[str, Any]) -> str:
+    """The int8 levels an op's values span ("" in records from before the figure existed)."""
+    v = o.get("levels")
+    return "" if v is None or v != v else f"{v:.0f}"
+
+
 def _label(o: Mapping[str, Any]) -> str:
     layer = o.get("layer")
     near = "after " if str(o.get("how", "")).startswith("after") else ""
@@ -99,11 +105,13 @@ def markdown_lines(s: Mapping[str, Any]) -> list[str]:
     if q.get("float_ops"):
         lines += ["", "Kept in float (its latency cost is the 'vs plain int8' column): " + "; ".join(q["float_ops"])]
     lines += ["", "Worst ops under plain int8 (share of the output error is an estimate: the error each op adds "
-              "over its inputs):", "", "| op | PyTorch layer | error / scale | cosine | rel. error | share |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+              "over its inputs; int8 levels used = the steps its float values span, ~255 over its own range):", "",
+              "| op | PyTorch layer | error / scale | cosine | rel. error | int8 levels used | share |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for o in worst_ops(s):
         lines.append(f"| #{o['op_index']} {o['op']} | {o.get('layer') or ''} | {o['error_steps']:.2f} | "
-                     f"{o['cosine']:.4f} | {o['rel_error']:.3f} | {100 * o['share']:.1f}% |")  # fmt: skip
+                     f"{o['cosine']:.4f} | {o['rel_error']:.3f} | {levels_text(o)} | "
+                     f"{100 * o['share']:.1f}% |")  # fmt: skip
     if q.get("advice"):
         lines += ["", q["advice"]]
     return [*lines, ""]
