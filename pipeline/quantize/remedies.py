@@ -20,13 +20,11 @@ model's before the remedies stop (`meets`).
    targets: they must stay full-integer.
 4. `qat`: quantization-aware distillation (pipeline/quantize/qat.py), exported through the same converter,
    its ranges written by tfconv: the calibration remedy's range method on its pool when it chose one (QAT
-   then trains against those ranges), else the measured min/max of the profile's calibration set (not the
-   trimmed pool `calibration` may have kept): QAT
-   learns to live with the rounding of the ranges it is given, not with activations clipped by ranges
-   narrowed on purpose. Measured on the MobileNetV2-style bench model (bench/quantization.py, 500 validation
-   images, an earlier run without checkpoint selection): QAT on the trimmed pool's ranges 0.974 agreement, on
-   the profile's 200 images 0.988. Its checkpoint is picked on QAT_HOLDOUT training images held out of its
-   training (qat.py), never on the validation split that then judges it.
+   then trains against the ranges that method picks), else the measured min/max of the profile's calibration
+   set (not the trimmed pool `calibration` may have kept: measured on the MobileNetV2-style bench model in an
+   earlier run, QAT on the trimmed pool's ranges 0.974 agreement, on the profile's 200 images 0.988). Its
+   checkpoint is picked on QAT_HOLDOUT training images held out of its training (qat.py), never on the
+   validation split that then judges it.
 
 A remedy is kept only when it raises the agreement (ties: higher accuracy); later remedies start from the best
 model so far. Every number here is on the validation split, never the test split.
