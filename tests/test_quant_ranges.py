@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pipeline.quantize.ranges import Histogram, mse_range, percentile_range
+from pipeline.quantize.ranges import Histogram, measured_range, mse_range, percentile_range, range_picker
 
 
 def _int8_mse(v: np.ndarray, lo: float, hi: float) -> float:
@@ -42,3 +42,14 @@ def test_percentile_range_holds_zero_and_the_bulk():
 def test_empty_histogram_keeps_its_range():
     h = Histogram.over(-1.0, 2.0)
     assert mse_range(h) == (-1.0, 2.0)
+
+
+def test_measured_range_is_the_values_own_min_max_not_the_recorded_one():
+    """A histogram laid over a recorded range 30x too wide (TFLite's calibrator on an in-place op's input):
+    "measured" gives the values' own min/max (widened to hold 0), whatever range the bins cover."""
+    v = np.random.default_rng(3).uniform(0.2, 2.5, 10_000)
+    h = Histogram.over(0.0, 75.0)
+    h.add(v[:5000])
+    h.add(v[5000:])
+    assert range_picker("measured")(h) == (0.0, float(v.max()))
+    assert measured_range(Histogram.over(-1.0, 2.0)) == (-1.0, 2.0)  # nothing seen: the range it was given

@@ -594,6 +594,33 @@ def test_qat_ranges_are_the_min_max_of_every_calibration_image_in_eval_mode() ->
     assert float(quants[-1].hi) == pytest.approx(float(logits.max()), rel=1e-5)
 
 
+def test_qat_with_a_range_method_trains_against_that_methods_ranges() -> None:
+    """Given the calibration remedy's method, QAT's inner ranges are the ones it picks from each tensor's
+    histogram (what tfconv then writes); the model's input and output keep their min/max, as in tfconv."""
+    from pipeline.quantize.qat import Calibration, _observe, _student, insert_act_quant
+    from pipeline.quantize.ranges import Histogram, percentile_range
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 3))
+    calib = torch.randn(40, 1, 28, 28)
+    calib[0, 0, 5, 5] = 400.0  # one pixel stretches every min/max
+    gm = _student(model)
+    quants = insert_act_quant(gm)
+    assert [q.edge for q in quants] == [True, False, True]  # input, ReLU output, logits
+    _observe(gm, quants, Calibration(calib))
+    minmax = [(float(q.lo), float(q.hi)) for q in quants]
+    _observe(gm, quants, Calibration(calib, "percentile:99.9"))
+    got = [(float(q.lo), float(q.hi)) for q in quants]
+    assert got[0] == minmax[0] and got[2] == minmax[2]
+    with torch.no_grad():
+        relu = gm.get_submodule("0")(calib).clamp(min=0)
+    h = Histogram.over(0.0, float(relu.max()))
+    h.add(relu.numpy())
+    assert got[1] == pytest.approx(percentile_range(h, 99.9), rel=1e-6) and got[1][1] < 0.5 * minmax[1][1]
+    with pytest.raises(ValueError, match="not a range method"):
+        _observe(gm, quants, Calibration(calib, "kl"))
+
+
 def test_qat_ships_its_best_checkpoint_on_held_out_images_not_a_diverged_one(trained: SmallCNN, data) -> None:
     """A learning rate that wrecks the student: QAT keeps the checkpoint that scored best on the held-out
     images, here its post-training-quantized start (step 0), and says so; a sane one is scored throughout."""
