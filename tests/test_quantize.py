@@ -369,6 +369,7 @@ def test_measured_ranges_repair_the_calibrators_in_place_fault(data: dict[str, I
         levels[name] = [(o.op, o.levels) for o in rep.ops]
     repaired = [p for p, m in zip(levels["plain"], levels["measured"], strict=True) if p[1] < 20 and m[1] > 100]
     assert [op for op, _ in repaired] == ["CONV_2D"], levels  # conv a; conv b's few levels are concat's one scale
+    assert "of 256 int8 levels" in next(o for o in rep.ops if o.levels < 20).where()  # what a miss's advice names
 
 
 def test_a_failing_range_method_is_recorded_and_the_others_stand(planted: dict, data: dict[str, ImageSet],

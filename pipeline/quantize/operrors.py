@@ -42,6 +42,7 @@ SKIP_OPS = ("QUANTIZE", "DEQUANTIZE", "DELEGATE")
 # ops that only move values: keeping an op float is useless when one of these requantizes its output
 PASSTHROUGH = ("PAD", "RESHAPE", "SQUEEZE", "TRANSPOSE", "EXPAND_DIMS", "STRIDED_SLICE")
 _CONST = ("Const", "arith.constant", "tfl.pseudo", "tfl.")
+FEW_LEVELS = 32  # an op whose values span fewer int8 steps than this is named with the count (`where`)
 
 
 def norm_name(name: str) -> str:
@@ -69,10 +70,11 @@ class OpError:
     levels: float = float("nan")  # int8 steps the float values span: (max - min) / scale
 
     def where(self) -> str:
+        few = f", its values span {self.levels:.0f} of 256 int8 levels" if self.levels < FEW_LEVELS else ""
         if self.layer is None:
-            return f"op {self.op_index} {self.op}"
+            return f"op {self.op_index} {self.op}" + (f" ({few[2:]})" if few else "")
         near = "after " if self.how.startswith("after") else ""
-        return f"op {self.op_index} {self.op} ({near}PyTorch `{self.layer}`)"
+        return f"op {self.op_index} {self.op} ({near}PyTorch `{self.layer}`{few})"
 
 
 @dataclass(frozen=True)
