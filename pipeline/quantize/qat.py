@@ -183,8 +183,8 @@ def _set_mode(quants: list[ActQuant], mode: str) -> None:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The images the converter calibrates the exported model on, and the range method it is given (tfconv's
-    "ranges": "mse" | "percentile:Q"; None: TensorFlow's min/max)."""
+    """The images the exported model's ranges are computed on, and the method (tfconv's "ranges": "mse" |
+    "percentile:Q"; None: their min/max, which tfconv writes as "measured")."""
 
     images: torch.Tensor
     ranges: str | None = None
