@@ -214,9 +214,10 @@ class Quantize(_Frozen):
     max_float_ops: int = Field(default=4, ge=0, le=64)  # selective: at most this many ops kept float (not Edge TPU)
     qat_steps: int = Field(default=300, ge=10, le=100_000)  # quantization-aware distillation steps
     remedy_images: int = Field(default=1000, ge=50, le=100_000)  # validation images the remedies are judged on
-    # the `calibration` remedy also tries these activation ranges in place of TensorFlow's min/max, chosen from
-    # a histogram of each tensor on the calibration images: "mse" (least expected int8 error) or "percentile:Q"
-    # (the central Q% of the values, 90 <= Q < 100); [] tries min/max only
+    # the `calibration` remedy also tries these activation ranges in place of TensorFlow's calibrator's min/max,
+    # from each tensor's values on the calibration images: "measured" (their true min/max, which the calibrator
+    # gets wrong for a tensor an in-place op reuses), "mse" (least expected int8 error over a histogram) or
+    # "percentile:Q" (the central Q% of the values, 90 <= Q < 100); [] tries the calibrator's only
     calibration_ranges: tuple[str, ...] = ("measured", "mse", "percentile:99.99")
 
     @model_validator(mode="after")

@@ -89,11 +89,14 @@ def trained(data: dict[str, ImageSet]) -> SmallCNN:
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory, trained: SmallCNN, data: dict[str, ImageSet]) -> dict:
     """The planted model exported and converted once (fp32 + plain int8, SavedModel kept)."""
+    return _converted(plant(trained), data, tmp_path_factory.mktemp("planted"))
+
+
+def _converted(model: nn.Module, data: dict[str, ImageSet], tmp: Path) -> dict:
+    """`model` exported and converted with onnx2tf (fp32 + plain int8, SavedModel kept) in `tmp`."""
     from pipeline.convert.convert_tflite import convert_tflite
     from pipeline.convert.export_onnx import export_onnx
 
-    tmp = tmp_path_factory.mktemp("planted")
-    model = plant(trained)
     onnx = export_onnx(model, SPEC, tmp / "model.onnx", check_images=data["val"].images[:8])
     files = convert_tflite(onnx, SPEC, tmp, precisions=("fp32", "int8"), calibration=data["calibration"],
                            saved_model_dir=tmp / "saved_model")  # fmt: skip
@@ -324,21 +327,12 @@ def test_measured_ranges_repair_the_calibrators_in_place_fault(data: dict[str, I
     """TFLite's calibrator logs an op's inputs again after running it, so a conv whose buffer the following
     in-place MUL (x * 30) reuses is recorded with the MUL's range (tensorflow/tensorflow#127842): the plain
     int8 file quantizes the conv's output 30x too coarsely. "measured" writes each tensor's true min/max."""
-    from pipeline.convert.convert_tflite import convert_tflite
-    from pipeline.convert.export_onnx import export_onnx
-    from pipeline.quantize.remedies import Candidate, RemedyJob, _with_ranges
+    from pipeline.quantize.remedies import Candidate, _with_ranges
     from pipeline.tflite import load_interpreter
 
     torch.manual_seed(0)
     model = ScaledBranches().eval()
-    onnx = export_onnx(model, SPEC, tmp_path / "model.onnx", check_images=data["val"].images[:8])
-    files = convert_tflite(onnx, SPEC, tmp_path, precisions=("fp32", "int8"), calibration=data["calibration"],
-                           saved_model_dir=tmp_path / "saved_model")  # fmt: skip
-    job = RemedyJob(model=model, spec=SPEC, onnx=onnx.path, fp32=files["fp32"].path, int8=files["int8"].path,
-                    saved_model=tmp_path / "saved_model", val=data["val"], calibration=data["calibration"],
-                    extra_calibration=data["train"], train=data["train"], min_agreement=1.01, remedies=(),
-                    int8_io="int8", full_integer_only=True, max_float_ops=2, qat_steps=0, threads=1,
-                    seed=0)  # fmt: skip
+    job = _job(_converted(model, data, tmp_path), data, tmp_path / "job", full_integer_only=True, threads=1)
     base = Candidate("plain", job.int8, job.fp32, job.saved_model, model, data["calibration"])
     fixed = _with_ranges(job, base, "measured", tmp_path / "measured")
     changed = json.loads((tmp_path / "measured" / "measured.ranges.json").read_text())["changed"]
