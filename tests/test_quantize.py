@@ -229,6 +229,60 @@ def test_bias_correction_cancels_the_mean_shift_of_int8_weights(trained: SmallCN
     assert shift(m) < 0.2 * before
 
 
+def _channel_shifts(fp32: Path, int8: Path, images: ImageSet) -> dict[int, float]:
+    """Per biased op of `int8`: mean over channels of |mean(float - int8)| on `images`, in output steps."""
+    from pipeline.quantize.biasfix import biased_ops
+    from pipeline.quantize.operrors import _interpreter, _set_input, norm_name
+
+    fq, qi = _interpreter(fp32), _interpreter(int8)
+    twin = {norm_name(d["name"]): d["index"] for d in fq.get_tensor_details()}
+    qd = {d["index"]: d for d in qi.get_tensor_details()}
+    ops = biased_ops(bytearray(int8.read_bytes()))
+    sums = {o.op_index: 0.0 for o in ops}
+    x = np.ascontiguousarray(SPEC.to_tensor(images.images).permute(0, 2, 3, 1).numpy())
+    for i in range(len(x)):
+        _set_input(fq, x[i : i + 1])
+        _set_input(qi, x[i : i + 1])
+        fq.invoke()
+        qi.invoke()
+        for o in ops:
+            scale, zp = qd[o.output]["quantization"]
+            f = fq.get_tensor(twin[norm_name(qd[o.output]["name"])])
+            q = (qi.get_tensor(o.output).astype(np.float64) - zp) * scale
+            sums[o.op_index] = sums[o.op_index] + (f - q).reshape(-1, f.shape[-1]).mean(0) / scale
+    return {k: float(np.abs(v / len(x)).mean()) for k, v in sums.items()}
+
+
+def test_int8_bias_correction_takes_out_each_channels_mean_error(trained: SmallCNN, data: dict[str, ImageSet],
+                                                                 tmp_path: Path) -> None:  # fmt: skip
+    """On the real int8 file: measured on calibration images, judged on validation images it never saw."""
+    from pipeline.quantize.biasfix import correct_biases
+    from pipeline.quantize.operrors import _interpreter
+
+    c = _converted(trained, data, tmp_path)
+    cal = np.ascontiguousarray(SPEC.to_tensor(data["calibration"].images).permute(0, 2, 3, 1).numpy())
+    rec = correct_biases(c["fp32"], c["int8"], cal, tmp_path / "corrected.tflite")
+    assert rec.ops_corrected == 4 and rec.images == len(cal) and rec.max_shift_steps > 0  # conv1-3 and fc
+    held = data["val"].subset(200, seed=3)
+    fixed = tmp_path / "corrected.tflite"
+    before, after = _channel_shifts(c["fp32"], c["int8"], held), _channel_shifts(c["fp32"], fixed, held)
+    assert all(after[k] < before[k] for k in before), (before, after)
+    logits = max(before)  # the fc op: every shift before it adds up there
+    assert after[logits] < 0.3 * before[logits], (before, after)
+    # only the int32 biases changed: same ops, same scales, same weights, still full-integer
+    a, b = _interpreter(c["int8"]), _interpreter(fixed)
+    assert [o["op_name"] for o in a._get_ops_details()] == [o["op_name"] for o in b._get_ops_details()]
+    ops = a._get_ops_details()
+    made = {int(t) for o in ops for t in o["outputs"]} | {int(d["index"]) for d in a.get_input_details()}
+    consts = {int(t) for o in ops for t in o["inputs"] if int(t) >= 0} - made
+    biases = {int(o["inputs"][2]) for o in ops if o["op_name"] in ("CONV_2D", "FULLY_CONNECTED")}
+    for da, db in zip(a.get_tensor_details(), b.get_tensor_details(), strict=True):
+        assert da["quantization"] == db["quantization"] and da["dtype"] == db["dtype"]
+    changed = {t for t in consts if not np.array_equal(a.get_tensor(t), b.get_tensor(t))}
+    assert changed == biases and len(biases) == 4
+    assert _agreement(trained, fixed, data["val"]) >= _agreement(trained, c["int8"], data["val"]) - 0.01
+
+
 def test_weight_fake_quant_matches_the_tflite_file(planted: dict) -> None:
     """The scheme QAT trains with is the one in the converted file: per-channel symmetric int8 weights."""
     from ai_edge_litert.interpreter import Interpreter
@@ -472,8 +526,14 @@ def test_every_remedy_runs_in_order_and_is_measured(planted: dict, data: dict[st
     assert cal["calibration_images"] == cal["pool_images"] - cal["outliers_dropped"]
     eq = rows["equalization"]
     assert eq["kept"] and eq["agreement"] > plain + 0.2 and ["conv2", "conv3"] in eq["pairs"]
+    bc = rows["bias_correction"]
+    assert bc["bias_corrected_ops"] == 4 and bc["bias_images"] == len(data["calibration"]) and bc["size_bytes"] > 0
     sel = rows["selective"]
     assert sel["float_ops"] and sel["tries"] and sel["size_bytes"] > eq["size_bytes"]  # float weights are bigger
+    # selective re-quantizes from the SavedModel: when it started from the bias-corrected file it corrects
+    # its own file again (its float ops have no int32 bias, so fewer ops)
+    assert ("bias_corrected_ops" in sel) == bc["kept"]
+    assert sel.get("bias_corrected_ops", 0) < 4
     assert rows["qat"]["steps"] == 40 and rows["qat"]["act_points"] >= 5 and rows["qat"]["size_bytes"] > 0
     # QAT froze its ranges on every image of the profile's calibration set, untrimmed, which the converter
     # then calibrated its model on

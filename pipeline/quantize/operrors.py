@@ -136,17 +136,22 @@ class _Acc:
 
 
 def _interpreter(path: Path) -> Any:
+    return _interpreter_from(Path(path).read_bytes() if Path(path).is_file() else b"", str(path))
+
+
+def _interpreter_from(content: bytes, label: str) -> Any:
+    """A TFLite interpreter on `content` with every intermediate tensor kept, no delegates."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     try:
         interp = Interpreter(
-            model_path=str(path),
+            model_content=content,
             experimental_preserve_all_tensors=True,
             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
         )
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
-        raise VerificationError(f"{path}: not a loadable TFLite model: {exc}") from exc
+        raise VerificationError(f"{label}: not a loadable TFLite model: {exc}") from exc
     return interp
 
 

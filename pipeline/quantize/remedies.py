@@ -15,10 +15,14 @@ model's before the remedies stop (`meets`).
    convert again keep its range method.
 2. `equalization`: cross-layer equalization + bias correction in PyTorch (pipeline/quantize/equalize.py),
    re-exported and re-converted.
-3. `selective`: the ops with the largest share of the error kept in float (1, 2, 4 ... up to
+3. `bias_correction`: the int8 file itself, each op's mean per-channel error against the float file on
+   calibration images taken out of its int32 bias, op by op in graph order (pipeline/quantize/biasfix.py).
+   Still full-integer, so Edge TPU targets get it too; `selective` re-quantizes from the SavedModel and
+   corrects its file again when the model it starts from was corrected.
+4. `selective`: the ops with the largest share of the error kept in float (1, 2, 4 ... up to
    `max_float_ops`), re-quantized from the same SavedModel (pipeline/quantize/tfconv.py). Never on Edge TPU
    targets: they must stay full-integer.
-4. `qat`: quantization-aware distillation (pipeline/quantize/qat.py), exported through the same converter,
+5. `qat`: quantization-aware distillation (pipeline/quantize/qat.py), exported through the same converter,
    its ranges written by tfconv: the calibration remedy's range method on its pool when it chose one (QAT
    then trains against the ranges that method picks), else the measured min/max of the profile's calibration
    set (not the trimmed pool `calibration` may have kept: measured on the MobileNetV2-style bench model in an
@@ -38,7 +42,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +59,11 @@ from pipeline.quantize.flips import disagreements, flips_text, float_margins
 
 log = logging.getLogger(__name__)
 
-REMEDIES = ("calibration", "equalization", "selective", "int16x8", "qat")  # the order they run in
+REMEDIES = ("calibration", "equalization", "bias_correction", "selective", "int16x8", "qat")  # the order they run in
 CALIBRATION_FACTOR = 4
 QAT_HOLDOUT = 500  # training images QAT keeps out of its training to pick its checkpoint on
 OP_ERROR_IMAGES = 64
+BIAS_IMAGES = 64  # calibration images bias correction measures each op's shift on (about 40 s for 59 ops)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class Candidate:
     model: nn.Module  # the float model this int8 file was converted from
     calibration: ImageSet
     ranges: str | None = None  # activation ranges from histograms ("mse", "percentile:Q"); None: min/max
+    bias_corrected: bool = False  # its int8 file's biases were corrected (biasfix.py) after quantization
     agreement: float = 0.0
     accuracy: float | None = None
     size_bytes: int = 0
@@ -256,6 +262,28 @@ def _equalization(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Can
     return ref.measure(c, job)
 
 
+def _bias_correction(job: RemedyJob, best: Candidate, work: Path) -> Candidate:
+    """`best`'s int8 file with its biases corrected on BIAS_IMAGES of its calibration images."""
+    out = work / "bias-correction" / f"{best.int8.stem}.tflite"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rec = _correct(job, best, out)
+    c = Candidate(f"bias_correction ({rec['bias_corrected_ops']} ops)", out, best.fp32, best.saved_model, best.model,
+                  best.calibration, ranges=best.ranges, bias_corrected=True)  # fmt: skip
+    c.details = {**{k: v for k, v in best.details.items() if k in ("ranges", "float_ops", "float_tensors")}, **rec}
+    return c
+
+
+def _correct(job: RemedyJob, c: Candidate, out: Path) -> dict[str, Any]:
+    from pipeline.quantize.biasfix import correct_biases
+
+    images = c.calibration.subset(min(BIAS_IMAGES, len(c.calibration)), seed=job.seed)
+    nhwc = np.ascontiguousarray(job.spec.to_tensor(images.images).permute(0, 2, 3, 1).numpy())
+    rec = correct_biases(c.fp32, c.int8, nhwc, out)
+    if rec.ops_corrected == 0:
+        raise _Skipped("no int8 op with an int32 bias to correct")
+    return rec.to_dict()
+
+
 def _qat(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Candidate:
     from pipeline.quantize.qat import qat_finetune
 
@@ -331,7 +359,7 @@ def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: A
     if best.saved_model is None:  # the convert stage kept no SavedModel: the same conversion once more
         again = _convert(job, best.model, best.calibration, work, "plain")
         best = Candidate(best.name, again.int8, again.fp32, again.saved_model, best.model, best.calibration,
-                         ranges=best.ranges)  # fmt: skip
+                         ranges=best.ranges, bias_corrected=best.bias_corrected)  # fmt: skip
     tries: list[dict[str, Any]] = []
     chosen: Candidate | None = None
     k = 1
@@ -340,6 +368,9 @@ def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: A
         ops = ranked[:k]
         tensors = [t for o in ops for t in (o.tensor, *o.passthrough)]
         path = requantize_float(job, best, tensors, work / "selective" / f"float{k}.tflite", ranges=best.ranges)
+        fixed = None
+        if best.bias_corrected:  # the same correction on the re-quantized file (its float ops have no int32 bias)
+            fixed = _correct(job, replace(best, int8=path), path)
         c = Candidate(
             f"selective ({k} float op{'s' if k > 1 else ''})",
             path,
@@ -348,8 +379,9 @@ def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: A
             best.model,
             best.calibration,
             ranges=best.ranges,
+            bias_corrected=fixed is not None,
         )
-        c.details = {"float_ops": [o.where() for o in ops], "float_tensors": tensors}
+        c.details = {"float_ops": [o.where() for o in ops], "float_tensors": tensors, **(fixed or {})}
         if best.ranges:
             c.details["ranges"] = best.ranges
         ref.measure(c, job)
@@ -405,6 +437,8 @@ def _try(name: str, job: RemedyJob, best: Candidate, work: Path, ref: _Ref, erro
             return _calibration(job, best, work, ref)
         if name == "equalization":
             return _equalization(job, best, work, ref)
+        if name == "bias_correction":
+            return ref.measure(_bias_correction(job, best, work), job)
         if name == "selective":
             if job.full_integer_only:
                 raise _Skipped("Edge TPU targets must stay full-integer: no op may stay float")
