@@ -535,6 +535,11 @@ def test_every_remedy_runs_in_order_and_is_measured(planted: dict, data: dict[st
     assert ("bias_corrected_ops" in sel) == bc["kept"]
     assert sel.get("bias_corrected_ops", 0) < 4
     assert rows["qat"]["steps"] == 40 and rows["qat"]["act_points"] >= 5 and rows["qat"]["size_bytes"] > 0
+    # QAT's file is tried as exported and bias-corrected; the better ships, both are recorded
+    tried = rows["qat"]["bias_tries"]
+    assert [t["bias_corrected"] for t in tried] == [False, True]
+    assert rows["qat"]["agreement"] == max(t["agreement"] for t in tried)
+    assert ("bias-corrected" in rows["qat"]["remedy"]) == ("bias_corrected_ops" in rows["qat"])
     # QAT froze its ranges on every image of the profile's calibration set, untrimmed, which the converter
     # then calibrated its model on
     assert rows["qat"]["calibration_images"] == len(data["calibration"])
