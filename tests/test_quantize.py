@@ -254,8 +254,10 @@ def _channel_shifts(fp32: Path, int8: Path, images: ImageSet) -> dict[int, float
 
 
 def test_int8_bias_correction_takes_out_each_channels_mean_error(trained: SmallCNN, data: dict[str, ImageSet],
-                                                                 tmp_path: Path) -> None:  # fmt: skip
+                                                                 tmp_path: Path, monkeypatch) -> None:  # fmt: skip
     """On the real int8 file: measured on calibration images, judged on validation images it never saw."""
+    from pipeline.errors import VerificationError
+    from pipeline.quantize import biasfix
     from pipeline.quantize.biasfix import correct_biases
     from pipeline.quantize.operrors import _interpreter
 
@@ -281,6 +283,12 @@ def test_int8_bias_correction_takes_out_each_channels_mean_error(trained: SmallC
     changed = {t for t in consts if not np.array_equal(a.get_tensor(t), b.get_tensor(t))}
     assert changed == biases and len(biases) == 4
     assert _agreement(trained, fixed, data["val"]) >= _agreement(trained, c["int8"], data["val"]) - 0.01
+    # a model whose float outputs would not fit the memory budget uses fewer images, and says so
+    monkeypatch.setattr(biasfix, "FLOAT_BUDGET_BYTES", 1)
+    assert correct_biases(c["fp32"], c["int8"], cal, tmp_path / "few.tflite").images == biasfix.MIN_IMAGES
+    with pytest.raises(VerificationError, match="no images"):
+        correct_biases(c["fp32"], c["int8"], cal[:0], tmp_path / "none.tflite")
+    assert not (tmp_path / "none.tflite").exists()
 
 
 def test_weight_fake_quant_matches_the_tflite_file(planted: dict) -> None:
@@ -497,13 +505,16 @@ def test_profile_rejects_a_remedy_listed_twice_or_unknown(tmp_path: Path) -> Non
     from pipeline.errors import TargetConfigError
     from pipeline.targets import TARGETS_DIR, load_target
 
-    for bad in (["qat", "qat"], ["calibration", "magic"]):
+    for bad in (["qat", "qat"], ["calibration", "magic"], ["bias-correction"]):
         data = yaml.safe_load((TARGETS_DIR / "host.yaml").read_text())
         data["quantize"]["remedies"] = bad
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(data))
-        with pytest.raises(TargetConfigError, match="remedies"):
+        with pytest.raises(TargetConfigError, match="remedies") as err:
             load_target(str(path))
+        assert str(path) in str(err.value)
+        if "qat" not in bad:  # an unknown name: the valid ones are listed
+            assert "'bias_correction'" in str(err.value) and "'int16x8'" in str(err.value)
 
 
 @pytest.mark.slow

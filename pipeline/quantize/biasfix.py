@@ -35,6 +35,9 @@ import numpy as np
 from pipeline.errors import VerificationError
 from pipeline.quantize.operrors import _interpreter_from, _set_input, norm_name
 
+FLOAT_BUDGET_BYTES = 1 << 30  # the float outputs held at once; a large model gets fewer images (MIN_IMAGES at least)
+MIN_IMAGES = 8
+
 
 @dataclass(frozen=True)
 class BiasOp:
@@ -96,7 +99,8 @@ def biased_ops(buf: bytearray) -> list[BiasOp]:
 
 def correct_biases(fp32: Path, int8: Path, images_nhwc: np.ndarray, out: Path) -> BiasRecord:
     """Write `int8` with every biased op's mean per-channel error on `images_nhwc` (normalized float NHWC,
-    calibration images, never validation ones) taken out of its bias, to `out` (tmp + rename)."""
+    calibration images, never validation ones) taken out of its bias, to `out` (tmp + rename). Uses as many
+    of the images as FLOAT_BUDGET_BYTES of float outputs allow (`BiasRecord.images` says how many)."""
     if len(images_nhwc) == 0:
         raise VerificationError(f"{int8}: no images to measure the bias shifts on")
     t0 = time.monotonic()
@@ -107,6 +111,9 @@ def correct_biases(fp32: Path, int8: Path, images_nhwc: np.ndarray, out: Path) -
     names = {d["index"]: d for d in _interpreter_from(bytes(buf), str(int8)).get_tensor_details()}
     twins = {o.op_index: by_name.get(norm_name(names[o.output]["name"])) for o in ops}
     ops = [o for o in ops if twins[o.op_index] is not None and names[o.output]["dtype"] in (np.int8, np.uint8)]
+    per_image = sum(4 * int(np.prod(names[o.output]["shape"])) for o in ops)
+    keep = max(MIN_IMAGES, FLOAT_BUDGET_BYTES // max(per_image, 1))
+    images_nhwc = images_nhwc[:keep]  # the float outputs of every op are held for every image
     floats = _float_outputs(fq, images_nhwc, [twins[o.op_index] for o in ops])
     shifts: list[float] = []
     for o in ops:
