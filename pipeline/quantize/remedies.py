@@ -28,7 +28,8 @@ model's before the remedies stop (`meets`).
    set (not the trimmed pool `calibration` may have kept: measured on the MobileNetV2-style bench model in an
    earlier run, QAT on the trimmed pool's ranges 0.974 agreement, on the profile's 200 images 0.988). Its
    checkpoint is picked on QAT_HOLDOUT training images held out of its training (qat.py), never on the
-   validation split that then judges it.
+   validation split that then judges it. With `bias_correction` among the remedies, QAT's file is also
+   tried bias-corrected and the better of the two is QAT's model (both recorded: `bias_tries`).
 
 A remedy is kept only when it raises the agreement (ties: higher accuracy); later remedies start from the best
 model so far. Every number here is on the validation split, never the test split.
