@@ -393,7 +393,10 @@ def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: A
         path = requantize_float(job, best, tensors, work / "selective" / f"float{k}.tflite", ranges=best.ranges)
         fixed = None
         if best.bias_corrected:  # the same correction on the re-quantized file (its float ops have no int32 bias)
-            fixed = _correct(job, replace(best, int8=path), path)
+            try:
+                fixed = _correct(job, replace(best, int8=path), path)
+            except _Skipped:  # every biased op kept float: nothing left to correct
+                fixed = None
         c = Candidate(
             f"selective ({k} float op{'s' if k > 1 else ''})",
             path,
