@@ -484,6 +484,8 @@ def test_coral_profiles_never_get_float_fallback(planted: dict, data: dict[str, 
     assert (tmp_path / "model_int8.tflite").read_bytes() == before
     assert rec["float_ops"] == [] and not rec["met"]
     assert "Edge TPU models must stay full-integer" in rec["advice"] and "conv2" in rec["advice"]
+    # the remedies it could still list are named, the float ones not: they cannot run there
+    assert "quantize.remedies: calibration, equalization, bias_correction, qat;" in rec["advice"]
 
 
 def test_int16x8_quantizes_activations_to_int16(planted: dict, data: dict[str, ImageSet], tmp_path: Path) -> None:

@@ -559,6 +559,11 @@ def advice(job: RemedyJob, best: Candidate, holding: Sequence[str], drop: float 
             f"below quantize.min_agreement {job.min_agreement:g} after {after}"
         )
     tips = [f"{miss}. The ops holding it back: {ops}."]
+    float_kinds = ("selective", "int16x8")  # never on Edge TPU
+    unlisted = [r for r in REMEDIES if r not in job.remedies and not (job.full_integer_only and r in float_kinds)]
+    if unlisted:
+        slow = " (int16 activations: TFLite's built-in kernels, slower than int8)" if "int16x8" in unlisted else ""
+        tips.append(f"List the remedies not tried in quantize.remedies: {', '.join(unlisted)}{slow};")
     if job.full_integer_only:
         tips.append(
             "Edge TPU models must stay full-integer: bound those layers' activations (ReLU6 instead of "
