@@ -36,6 +36,7 @@ from pipeline.data.imageset import ImageSet
 from pipeline.deploy import REPO
 from pipeline.models.spec import ModelSpec
 from pipeline.quantize.budget import drop_within
+from pipeline.quantize.remedies import FLOAT_REMEDIES
 from pipeline.targets import RANGE_METHODS, Quantize, range_method
 
 SECTION = "## Quantization"
@@ -185,7 +186,7 @@ def _bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, A
 def _eligible(rows: list[dict[str, Any]], skip_float: bool) -> list[dict[str, Any]]:
     """The measured rows, in the order the pipeline tries them; for Coral without float or int16 ones."""
     return [r for r in rows if not r.get("skipped")
-            and not (skip_float and r["remedy"].startswith(("selective", "int16x8")))]  # fmt: skip
+            and not (skip_float and r["remedy"].startswith(FLOAT_REMEDIES))]  # fmt: skip
 
 
 def _first_meeting(rows: list[dict[str, Any]], fp32_acc: float, skip_float: bool = False) -> dict[str, Any] | None:

@@ -232,10 +232,10 @@ def test_bias_correction_cancels_the_mean_shift_of_int8_weights(trained: SmallCN
 def _channel_shifts(fp32: Path, int8: Path, images: ImageSet) -> dict[int, float]:
     """Per biased op of `int8`: mean over channels of |mean(float - int8)| on `images`, in output steps."""
     from pipeline.quantize.biasfix import biased_ops
-    from pipeline.quantize.operrors import _interpreter, _set_input, norm_name
+    from pipeline.quantize.operrors import _dequant, _interpreter, _pairs, _set_input
 
     fq, qi = _interpreter(fp32), _interpreter(int8)
-    twin = {norm_name(d["name"]): d["index"] for d in fq.get_tensor_details()}
+    _, twin = _pairs(fq, qi)
     qd = {d["index"]: d for d in qi.get_tensor_details()}
     ops = biased_ops(bytearray(int8.read_bytes()))
     sums = {o.op_index: 0.0 for o in ops}
@@ -246,10 +246,9 @@ def _channel_shifts(fp32: Path, int8: Path, images: ImageSet) -> dict[int, float
         fq.invoke()
         qi.invoke()
         for o in ops:
-            scale, zp = qd[o.output]["quantization"]
-            f = fq.get_tensor(twin[norm_name(qd[o.output]["name"])])
-            q = (qi.get_tensor(o.output).astype(np.float64) - zp) * scale
-            sums[o.op_index] = sums[o.op_index] + (f - q).reshape(-1, f.shape[-1]).mean(0) / scale
+            f, q = fq.get_tensor(twin[o.output]), _dequant(qi, o.output, qd[o.output])
+            step = qd[o.output]["quantization"][0]
+            sums[o.op_index] = sums[o.op_index] + (f - q).astype(np.float64).reshape(-1, f.shape[-1]).mean(0) / step
     return {k: float(np.abs(v / len(x)).mean()) for k, v in sums.items()}
 
 

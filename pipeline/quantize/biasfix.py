@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import VerificationError
-from pipeline.quantize.operrors import _interpreter_from, _set_input, norm_name
+from pipeline.quantize.operrors import _interpreter_from, _pairs, _set_input
 
 FLOAT_BUDGET_BYTES = 1 << 30  # the float outputs held at once; a large model gets fewer images (MIN_IMAGES at least)
 MIN_IMAGES = 8
@@ -105,23 +105,20 @@ def correct_biases(fp32: Path, int8: Path, images_nhwc: np.ndarray, out: Path) -
         raise VerificationError(f"{int8}: no images to measure the bias shifts on")
     t0 = time.monotonic()
     buf = bytearray(Path(int8).read_bytes())
-    ops = biased_ops(buf)
-    fq = _interpreter_from(Path(fp32).read_bytes(), str(fp32))
-    by_name = {norm_name(d["name"]): d["index"] for d in fq.get_tensor_details()}
-    names = {d["index"]: d for d in _interpreter_from(bytes(buf), str(int8)).get_tensor_details()}
-    twins = {o.op_index: by_name.get(norm_name(names[o.output]["name"])) for o in ops}
-    ops = [o for o in ops if twins[o.op_index] is not None and names[o.output]["dtype"] in (np.int8, np.uint8)]
+    fq, qi = _interpreter_from(Path(fp32).read_bytes(), str(fp32)), _interpreter_from(bytes(buf), str(int8))
+    _, twin = _pairs(fq, qi)  # int8 tensor -> its float twin
+    names = {d["index"]: d for d in qi.get_tensor_details()}
+    ops = [o for o in biased_ops(buf) if o.output in twin and names[o.output]["dtype"] in (np.int8, np.uint8)]
     per_image = sum(4 * int(np.prod(names[o.output]["shape"])) for o in ops)
     keep = max(MIN_IMAGES, FLOAT_BUDGET_BYTES // max(per_image, 1))
     images_nhwc = images_nhwc[:keep]  # the float outputs of every op are held for every image
-    floats = _float_outputs(fq, images_nhwc, [twins[o.op_index] for o in ops])
+    floats = _float_outputs(fq, images_nhwc, [twin[o.output] for o in ops])
     shifts: list[float] = []
     for o in ops:
-        qi = _interpreter_from(bytes(buf), str(int8))
         detail = names[o.output]
-        shift = _mean_error(qi, images_nhwc, o.output, detail, floats[twins[o.op_index]])
-        step = o.bias_scale
-        o.bias[:] = np.clip(np.round(o.bias + shift / step), -(2**31), 2**31 - 1).astype(np.int32)
+        shift = _mean_error(qi, images_nhwc, o.output, detail, floats[twin[o.output]])
+        o.bias[:] = np.clip(np.round(o.bias + shift / o.bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
+        qi = _interpreter_from(bytes(buf), str(int8))  # the ops after it see this correction
         scale = float(detail["quantization"][0]) or 1.0
         shifts.extend(np.abs(shift) / scale)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -136,7 +136,9 @@ class _Acc:
 
 
 def _interpreter(path: Path) -> Any:
-    return _interpreter_from(Path(path).read_bytes() if Path(path).is_file() else b"", str(path))
+    if not Path(path).is_file():
+        raise VerificationError(f"{path}: TFLite model not found")
+    return _interpreter_from(Path(path).read_bytes(), str(path))
 
 
 def _interpreter_from(content: bytes, label: str) -> Any:

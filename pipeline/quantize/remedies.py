@@ -61,6 +61,7 @@ from pipeline.quantize.flips import disagreements, flips_text, float_margins
 log = logging.getLogger(__name__)
 
 REMEDIES = ("calibration", "equalization", "bias_correction", "selective", "int16x8", "qat")  # the order they run in
+FLOAT_REMEDIES = ("selective", "int16x8")  # leave float or int16 ops: never on Edge TPU targets
 CALIBRATION_FACTOR = 4
 QAT_HOLDOUT = 500  # training images QAT keeps out of its training to pick its checkpoint on
 OP_ERROR_IMAGES = 64
@@ -270,7 +271,7 @@ def _bias_correction(job: RemedyJob, best: Candidate, work: Path, folder: str = 
     rec = _correct(job, best, out)
     c = Candidate(f"bias_correction ({rec['bias_corrected_ops']} ops)", out, best.fp32, best.saved_model, best.model,
                   best.calibration, ranges=best.ranges, bias_corrected=True)  # fmt: skip
-    c.details = {**{k: v for k, v in best.details.items() if k in ("ranges", "float_ops", "float_tensors")}, **rec}
+    c.details = {**({"ranges": best.details["ranges"]} if "ranges" in best.details else {}), **rec}
     return c
 
 
@@ -559,8 +560,7 @@ def advice(job: RemedyJob, best: Candidate, holding: Sequence[str], drop: float 
             f"below quantize.min_agreement {job.min_agreement:g} after {after}"
         )
     tips = [f"{miss}. The ops holding it back: {ops}."]
-    float_kinds = ("selective", "int16x8")  # never on Edge TPU
-    unlisted = [r for r in REMEDIES if r not in job.remedies and not (job.full_integer_only and r in float_kinds)]
+    unlisted = [r for r in REMEDIES if r not in job.remedies and not (job.full_integer_only and r in FLOAT_REMEDIES)]
     if unlisted:
         slow = " (int16 activations: TFLite's built-in kernels, slower than int8)" if "int16x8" in unlisted else ""
         tips.append(f"List the remedies not tried in quantize.remedies: {', '.join(unlisted)}{slow};")
