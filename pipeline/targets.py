@@ -209,8 +209,9 @@ class Quantize(_Frozen):
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
     # `int16x8` (int16 activations, int8 weights) is opt-in: only TFLite's built-in CPU kernels run it, slower
     # than XNNPACK's int8, and never on Edge TPU
-    remedies: tuple[Literal["calibration", "equalization", "bias_correction", "selective", "int16x8", "qat"], ...] = (
-        "calibration", "equalization", "bias_correction", "selective", "qat")  # fmt: skip
+    remedies: tuple[
+        Literal["calibration", "equalization", "range_tuning", "bias_correction", "selective", "int16x8", "qat"], ...
+    ] = ("calibration", "equalization", "range_tuning", "bias_correction", "selective", "qat")  # fmt: skip
     max_float_ops: int = Field(default=4, ge=0, le=64)  # selective: at most this many ops kept float (not Edge TPU)
     qat_steps: int = Field(default=300, ge=10, le=100_000)  # quantization-aware distillation steps
     remedy_images: int = Field(default=1000, ge=50, le=100_000)  # validation images the remedies are judged on

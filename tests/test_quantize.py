@@ -290,6 +290,61 @@ def test_int8_bias_correction_takes_out_each_channels_mean_error(trained: SmallC
     assert not (tmp_path / "none.tflite").exists()
 
 
+def test_int8_range_tuning_narrows_a_range_made_too_wide(trained: SmallCNN, data: dict[str, ImageSet],
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    """One activation range of the real int8 file widened 8x (a calibration that saw an outlier): tuning on
+    calibration images narrows it back, and the file then tracks the float one better on validation images
+    the tuning never saw. Only activation scales and the int32 biases reading them change."""
+    from pipeline.errors import VerificationError
+    from pipeline.quantize import rangefix
+    from pipeline.quantize.operrors import _interpreter
+
+    c = _converted(trained, data, tmp_path)
+    buf = bytearray(c["int8"].read_bytes())
+    groups = rangefix.tunable_groups(buf)
+    # conv1..conv3 and the pools/flatten they feed (tied to them), fc's input; never the graph's input/output
+    assert len(groups) >= 3 and all(g.tensors for g in groups)
+    a = _interpreter(c["int8"])
+    boundary = {d["index"] for d in a.get_input_details() + a.get_output_details()}
+    assert not boundary & {t for g in groups for t in g.tensors}
+    wide = groups[0]  # conv1's output (measured: a 2x wider range is harmless here, 8x is not)
+    wide.set_factor(8.0)
+    widened = tmp_path / "wide.tflite"
+    widened.write_bytes(bytes(buf))
+    cal = np.ascontiguousarray(SPEC.to_tensor(data["calibration"].images).permute(0, 2, 3, 1).numpy())
+    out = tmp_path / "tuned.tflite"
+    rec = rangefix.tune_ranges(c["fp32"], widened, cal, out)
+    assert rec.groups == len(groups) and rec.trials > rec.groups and rec.kl_after < rec.kl_before
+    assert rec.by_tensor[wide.names[0]] <= 0.5
+    held = data["val"].subset(200, seed=3)
+    nhwc = np.ascontiguousarray(SPEC.to_tensor(held.images).permute(0, 2, 3, 1).numpy())
+    target = rangefix._softmax(rangefix._logits(c["fp32"].read_bytes(), nhwc, "fp32"))
+
+    def kl(path: Path) -> float:
+        return rangefix._kl(target, rangefix._softmax(rangefix._logits(path.read_bytes(), nhwc, str(path))))
+
+    assert kl(out) < 0.5 * kl(widened), (kl(widened), kl(out), kl(c["int8"]))
+    # same ops and weights; only scales of activations (tied tensors kept equal) and biases changed
+    w, t = _interpreter(widened), _interpreter(out)
+    assert [o["op_name"] for o in w._get_ops_details()] == [o["op_name"] for o in t._get_ops_details()]
+    biases = {int(o["inputs"][2]) for o in w._get_ops_details() if o["op_name"] in ("CONV_2D", "FULLY_CONNECTED")}
+    for dw, dt in zip(w.get_tensor_details(), t.get_tensor_details(), strict=True):
+        if dw["index"] in boundary or dw["dtype"] != np.int8 or dw["index"] in biases:
+            assert dw["quantization"][1] == dt["quantization"][1]
+        if dw["index"] not in biases and not np.array_equal(dw["quantization_parameters"]["scales"],
+                                                            dt["quantization_parameters"]["scales"]):  # fmt: skip
+            assert any(dw["index"] in g.tensors for g in groups), dw["name"]
+    for g in rangefix.tunable_groups(bytearray(out.read_bytes())):
+        assert len({float(s[0]) for s in g.scales}) == 1
+    # the same factors applied to the widened file give the tuned file, byte for byte
+    again = tmp_path / "again.tflite"
+    assert rangefix.apply_factors(widened, rec.by_tensor, again) == rec.changed
+    assert again.read_bytes() == out.read_bytes()
+    with pytest.raises(VerificationError, match="at least"):
+        rangefix.tune_ranges(c["fp32"], widened, cal[:2], tmp_path / "none.tflite")
+    assert not (tmp_path / "none.tflite").exists()
+
+
 def test_weight_fake_quant_matches_the_tflite_file(planted: dict) -> None:
     """The scheme QAT trains with is the one in the converted file: per-channel symmetric int8 weights."""
     from ai_edge_litert.interpreter import Interpreter
@@ -484,7 +539,7 @@ def test_coral_profiles_never_get_float_fallback(planted: dict, data: dict[str, 
     assert rec["float_ops"] == [] and not rec["met"]
     assert "Edge TPU models must stay full-integer" in rec["advice"] and "conv2" in rec["advice"]
     # the remedies it could still list are named, the float ones not: they cannot run there
-    assert "quantize.remedies: calibration, equalization, bias_correction, qat;" in rec["advice"]
+    assert "quantize.remedies: calibration, equalization, range_tuning, bias_correction, qat;" in rec["advice"]
 
 
 def test_int16x8_quantizes_activations_to_int16(planted: dict, data: dict[str, ImageSet], tmp_path: Path) -> None:
@@ -538,6 +593,9 @@ def test_every_remedy_runs_in_order_and_is_measured(planted: dict, data: dict[st
     assert cal["calibration_images"] == cal["pool_images"] - cal["outliers_dropped"]
     eq = rows["equalization"]
     assert eq["kept"] and eq["agreement"] > plain + 0.2 and ["conv2", "conv3"] in eq["pairs"]
+    rt = rows["range_tuning"]
+    assert rt["ranges_tunable"] >= 3 and rt["trials"] > rt["ranges_tunable"] and rt["kl_after"] <= rt["kl_before"]
+    assert rt["tuning_images"] == len(data["calibration"]) and rt["ranges_changed"] == len(rt["factors"])
     bc = rows["bias_correction"]
     assert bc["bias_corrected_ops"] == 4 and bc["bias_images"] == len(data["calibration"]) and bc["size_bytes"] > 0
     sel = rows["selective"]
@@ -546,6 +604,8 @@ def test_every_remedy_runs_in_order_and_is_measured(planted: dict, data: dict[st
     # its own file again (its float ops have no int32 bias, so fewer ops)
     assert ("bias_corrected_ops" in sel) == bc["kept"]
     assert sel.get("bias_corrected_ops", 0) < 4
+    # ... and applies the tuned ranges to it first when range tuning was kept
+    assert ("ranges_retuned" in sel) == (rt["kept"] and rt["ranges_changed"] > 0)
     assert rows["qat"]["steps"] == 40 and rows["qat"]["act_points"] >= 5 and rows["qat"]["size_bytes"] > 0
     # QAT's file is tried as exported and bias-corrected; the better ships, both are recorded
     tried = rows["qat"]["bias_tries"]

@@ -15,14 +15,18 @@ model's before the remedies stop (`meets`).
    convert again keep its range method.
 2. `equalization`: cross-layer equalization + bias correction in PyTorch (pipeline/quantize/equalize.py),
    re-exported and re-converted.
-3. `bias_correction`: the int8 file itself, each op's mean per-channel error against the float file on
+3. `range_tuning`: the int8 file itself, each activation range scaled (x0.3 to x1.3, zero point kept) where
+   that lowers the KL divergence of the file's softmax from the float file's on calibration images, tensor
+   by tensor in graph order (pipeline/quantize/rangefix.py). Still full-integer; `selective` applies the
+   same factors to its re-quantized file.
+4. `bias_correction`: the int8 file itself, each op's mean per-channel error against the float file on
    calibration images taken out of its int32 bias, op by op in graph order (pipeline/quantize/biasfix.py).
    Still full-integer, so Edge TPU targets get it too; `selective` re-quantizes from the SavedModel and
    corrects its file again when the model it starts from was corrected.
-4. `selective`: the ops with the largest share of the error kept in float (1, 2, 4 ... up to
+5. `selective`: the ops with the largest share of the error kept in float (1, 2, 4 ... up to
    `max_float_ops`), re-quantized from the same SavedModel (pipeline/quantize/tfconv.py). Never on Edge TPU
    targets: they must stay full-integer.
-5. `qat`: quantization-aware distillation (pipeline/quantize/qat.py), exported through the same converter,
+6. `qat`: quantization-aware distillation (pipeline/quantize/qat.py), exported through the same converter,
    its ranges written by tfconv: the calibration remedy's range method on its pool when it chose one (QAT
    then trains against the ranges that method picks), else the measured min/max of the profile's calibration
    set (not the trimmed pool `calibration` may have kept: measured on the MobileNetV2-style bench model in an
@@ -60,12 +64,14 @@ from pipeline.quantize.flips import disagreements, flips_text, float_margins
 
 log = logging.getLogger(__name__)
 
-REMEDIES = ("calibration", "equalization", "bias_correction", "selective", "int16x8", "qat")  # the order they run in
+# the order they run in
+REMEDIES = ("calibration", "equalization", "range_tuning", "bias_correction", "selective", "int16x8", "qat")
 FLOAT_REMEDIES = ("selective", "int16x8")  # leave float or int16 ops: never on Edge TPU targets
 CALIBRATION_FACTOR = 4
 QAT_HOLDOUT = 500  # training images QAT keeps out of its training to pick its checkpoint on
 OP_ERROR_IMAGES = 64
 BIAS_IMAGES = 64  # calibration images bias correction measures each op's shift on (about 40 s for 59 ops)
+RANGE_IMAGES = 64  # calibration images range tuning scores each trial on (about 130 s for 110 ranges)
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ class Candidate:
     calibration: ImageSet
     ranges: str | None = None  # activation ranges from histograms ("mse", "percentile:Q"); None: min/max
     bias_corrected: bool = False  # its int8 file's biases were corrected (biasfix.py) after quantization
+    range_factors: dict[str, float] | None = None  # tensor name -> factor, when range_tuning edited its file
     agreement: float = 0.0
     accuracy: float | None = None
     size_bytes: int = 0
@@ -264,13 +271,32 @@ def _equalization(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Can
     return ref.measure(c, job)
 
 
+def _range_tuning(job: RemedyJob, best: Candidate, work: Path) -> Candidate:
+    """`best`'s int8 file with its activation ranges tuned on RANGE_IMAGES of its calibration images."""
+    from pipeline.quantize.rangefix import tune_ranges
+
+    out = work / "range-tuning" / f"{best.int8.stem}.tflite"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = best.calibration.subset(min(RANGE_IMAGES, len(best.calibration)), seed=job.seed)
+    nhwc = np.ascontiguousarray(job.spec.to_tensor(images.images).permute(0, 2, 3, 1).numpy())
+    rec = tune_ranges(best.fp32, best.int8, nhwc, out)
+    if rec.groups == 0:
+        raise _Skipped("no activation range in the file can be rescaled")
+    c = Candidate(f"range_tuning ({rec.changed} of {rec.groups} ranges)", out, best.fp32, best.saved_model,
+                  best.model, best.calibration, ranges=best.ranges, bias_corrected=best.bias_corrected,
+                  range_factors={**(best.range_factors or {}), **rec.by_tensor})  # fmt: skip
+    c.details = {**({"ranges": best.details["ranges"]} if "ranges" in best.details else {}), **rec.to_dict()}
+    return c
+
+
 def _bias_correction(job: RemedyJob, best: Candidate, work: Path, folder: str = "bias-correction") -> Candidate:
     """`best`'s int8 file with its biases corrected on BIAS_IMAGES of its calibration images, in work/folder."""
     out = work / folder / f"{best.int8.stem}.tflite"
     out.parent.mkdir(parents=True, exist_ok=True)
     rec = _correct(job, best, out)
     c = Candidate(f"bias_correction ({rec['bias_corrected_ops']} ops)", out, best.fp32, best.saved_model, best.model,
-                  best.calibration, ranges=best.ranges, bias_corrected=True)  # fmt: skip
+                  best.calibration, ranges=best.ranges, bias_corrected=True,
+                  range_factors=best.range_factors)  # fmt: skip
     c.details = {**({"ranges": best.details["ranges"]} if "ranges" in best.details else {}), **rec}
     return c
 
@@ -383,7 +409,8 @@ def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: A
     if best.saved_model is None:  # the convert stage kept no SavedModel: the same conversion once more
         again = _convert(job, best.model, best.calibration, work, "plain")
         best = Candidate(best.name, again.int8, again.fp32, again.saved_model, best.model, best.calibration,
-                         ranges=best.ranges, bias_corrected=best.bias_corrected)  # fmt: skip
+                         ranges=best.ranges, bias_corrected=best.bias_corrected,
+                         range_factors=best.range_factors)  # fmt: skip
     tries: list[dict[str, Any]] = []
     chosen: Candidate | None = None
     k = 1
@@ -392,6 +419,7 @@ def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: A
         ops = ranked[:k]
         tensors = [t for o in ops for t in (o.tensor, *o.passthrough)]
         path = requantize_float(job, best, tensors, work / "selective" / f"float{k}.tflite", ranges=best.ranges)
+        tuned = _retune(best, path)
         fixed = None
         if best.bias_corrected:  # the same correction on the re-quantized file (its float ops have no int32 bias)
             try:
@@ -407,8 +435,9 @@ def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: A
             best.calibration,
             ranges=best.ranges,
             bias_corrected=fixed is not None,
+            range_factors=best.range_factors,
         )
-        c.details = {"float_ops": [o.where() for o in ops], "float_tensors": tensors, **(fixed or {})}
+        c.details = {"float_ops": [o.where() for o in ops], "float_tensors": tensors, **tuned, **(fixed or {})}
         if best.ranges:
             c.details["ranges"] = best.ranges
         ref.measure(c, job)
@@ -422,6 +451,15 @@ def _selective(job: RemedyJob, best: Candidate, work: Path, ref: _Ref, errors: A
         raise _Skipped("no op adds measurable error: nothing to keep in float")
     chosen.details["tries"] = tries
     return chosen, tries
+
+
+def _retune(best: Candidate, path: Path) -> dict[str, Any]:
+    """The range factors `best` was tuned with, applied in place to a file re-quantized from its SavedModel."""
+    if not best.range_factors:
+        return {}
+    from pipeline.quantize.rangefix import apply_factors
+
+    return {"ranges_retuned": apply_factors(path, best.range_factors, path)}
 
 
 def _int16x8(job: RemedyJob, best: Candidate, work: Path) -> Candidate:
@@ -464,6 +502,8 @@ def _try(name: str, job: RemedyJob, best: Candidate, work: Path, ref: _Ref, erro
             return _calibration(job, best, work, ref)
         if name == "equalization":
             return _equalization(job, best, work, ref)
+        if name == "range_tuning":
+            return ref.measure(_range_tuning(job, best, work), job)
         if name == "bias_correction":
             return ref.measure(_bias_correction(job, best, work), job)
         if name == "selective":
