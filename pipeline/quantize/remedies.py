@@ -71,7 +71,7 @@ CALIBRATION_FACTOR = 4
 QAT_HOLDOUT = 500  # training images QAT keeps out of its training to pick its checkpoint on
 OP_ERROR_IMAGES = 64
 BIAS_IMAGES = 64  # calibration images bias correction measures each op's shift on (about 40 s for 59 ops)
-RANGE_IMAGES = 64  # calibration images range tuning scores each trial on (about 130 s for 110 ranges)
+RANGE_IMAGES = 128  # calibration images range tuning scores each trial on
 
 
 @dataclass(frozen=True)
