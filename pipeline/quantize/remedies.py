@@ -284,9 +284,17 @@ def _range_tuning(job: RemedyJob, best: Candidate, work: Path) -> Candidate:
         raise _Skipped("no activation range in the file can be rescaled")
     c = Candidate(f"range_tuning ({rec.changed} of {rec.groups} ranges)", out, best.fp32, best.saved_model,
                   best.model, best.calibration, ranges=best.ranges, bias_corrected=best.bias_corrected,
-                  range_factors={**(best.range_factors or {}), **rec.by_tensor})  # fmt: skip
+                  range_factors=_compose(best.range_factors, rec.by_tensor))  # fmt: skip
     c.details = {**({"ranges": best.details["ranges"]} if "ranges" in best.details else {}), **rec.to_dict()}
     return c
+
+
+def _compose(before: dict[str, float] | None, after: dict[str, float]) -> dict[str, float]:
+    """Factors relative to the converter's ranges when `after` was tuned on a file already scaled by `before`."""
+    both = dict(before or {})
+    for name, f in after.items():
+        both[name] = both.get(name, 1.0) * f
+    return both
 
 
 def _bias_correction(job: RemedyJob, best: Candidate, work: Path, folder: str = "bias-correction") -> Candidate:
