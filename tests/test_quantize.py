@@ -293,7 +293,7 @@ def test_int8_bias_correction_takes_out_each_channels_mean_error(trained: SmallC
 def test_int8_range_tuning_narrows_a_range_made_too_wide(trained: SmallCNN, data: dict[str, ImageSet],
                                                          tmp_path: Path) -> None:  # fmt: skip
     """One activation range of the real int8 file widened 8x (a calibration that saw an outlier): tuning on
-    calibration images narrows it back, and the file then tracks the float one better on validation images
+    calibration images narrows it (to half or less), and the file then tracks the float one better on validation images
     the tuning never saw. Only activation scales and the int32 biases reading them change."""
     from pipeline.errors import VerificationError
     from pipeline.quantize import rangefix
