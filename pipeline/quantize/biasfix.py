@@ -23,7 +23,6 @@ Nagel et al. 2019 ("Data-Free Quantization", section 4.2) and OpenVINO NNCF's bi
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.artifacts import write_bytes_atomic
 from pipeline.errors import VerificationError
 from pipeline.quantize.operrors import _interpreter_from, _pairs, _set_input
 
@@ -99,7 +99,7 @@ def biased_ops(buf: bytearray) -> list[BiasOp]:
 
 def correct_biases(fp32: Path, int8: Path, images_nhwc: np.ndarray, out: Path) -> BiasRecord:
     """Write `int8` with every biased op's mean per-channel error on `images_nhwc` (normalized float NHWC,
-    calibration images, never validation ones) taken out of its bias, to `out` (tmp + rename). Uses as many
+    calibration images, never validation ones) taken out of its bias, to `out` (written atomically). Uses as many
     of the images as FLOAT_BUDGET_BYTES of float outputs allow (`BiasRecord.images` says how many)."""
     if len(images_nhwc) == 0:
         raise VerificationError(f"{int8}: no images to measure the bias shifts on")
@@ -121,9 +121,7 @@ def correct_biases(fp32: Path, int8: Path, images_nhwc: np.ndarray, out: Path) -
         qi = _interpreter_from(bytes(buf), str(int8))  # the ops after it see this correction
         scale = float(detail["quantization"][0]) or 1.0
         shifts.extend(np.abs(shift) / scale)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(bytes(buf))
-    os.replace(tmp, out)
+    write_bytes_atomic(out, bytes(buf))
     return BiasRecord(
         ops_corrected=len(ops),
         images=len(images_nhwc),

@@ -23,7 +23,6 @@ suits Edge TPU targets too.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.artifacts import write_bytes_atomic
 from pipeline.errors import VerificationError
-from pipeline.quantize.operrors import _interpreter_from, _set_input
 
 FACTORS = (0.3, 0.5, 0.7, 0.8, 0.9, 1.15, 1.3)  # each range's scale x these, all tried
 MIN_GAIN = 0.002  # a factor other than the current one must lower the mean KL by this share
@@ -63,18 +62,19 @@ class _Group:
     biases: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (int32 values, their scales)
     first_op: int = 0
     factor: float = 1.0
-    _base: list[np.ndarray] = field(default_factory=list)  # the values as the converter wrote them
+    _scales0: list[np.ndarray] = field(default_factory=list)  # the scales as the converter wrote them
+    _biases0: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # and the biases
 
     def set_factor(self, f: float) -> None:
         """Every range of the group `f` times the converter's (the consumers' biases rescaled with it)."""
-        if not self._base:
-            self._base = [v.copy() for v in self.scales] + [v.copy() for pair in self.biases for v in pair]
-        k = len(self.scales)
-        for s, base in zip(self.scales, self._base[:k], strict=True):
-            s[:] = base * np.float32(f)
-        for j, (values, scale) in enumerate(self.biases):
-            values[:] = np.clip(np.round(self._base[k + 2 * j] / f), -(2**31), 2**31 - 1).astype(np.int32)
-            scale[:] = self._base[k + 2 * j + 1] * np.float32(f)
+        if not self._scales0:
+            self._scales0 = [s.copy() for s in self.scales]
+            self._biases0 = [(v.copy(), sc.copy()) for v, sc in self.biases]
+        for s, s0 in zip(self.scales, self._scales0, strict=True):
+            s[:] = s0 * np.float32(f)
+        for (values, scale), (v0, sc0) in zip(self.biases, self._biases0, strict=True):
+            values[:] = np.clip(np.round(v0 / f), -(2**31), 2**31 - 1).astype(np.int32)
+            scale[:] = sc0 * np.float32(f)
         self.factor = f
 
 
@@ -216,24 +216,23 @@ def _group(model: Any, graph: Any, ops: list, tensors: set[int], boundary: set[i
 
 def tune_ranges(fp32: Path, int8: Path, images_nhwc: np.ndarray, out: Path) -> RangeRecord:
     """Write `int8` with its activation ranges tuned on `images_nhwc` (normalized float NHWC, calibration
-    images, never validation ones) to `out` (tmp + rename)."""
+    images, never validation ones) to `out` (written atomically)."""
     if len(images_nhwc) < MIN_IMAGES:
         raise VerificationError(f"{int8}: range tuning needs at least {MIN_IMAGES} images, got {len(images_nhwc)}")
     t0 = time.monotonic()
     buf = bytearray(Path(int8).read_bytes())
-    _interpreter_from(bytes(buf), str(int8))  # a clear error for a file that does not load
     target = _softmax(_logits(Path(fp32).read_bytes(), images_nhwc, str(fp32)))
-    groups = tunable_groups(buf)
 
     def kl() -> float:
         return _kl(target, _softmax(_logits(bytes(buf), images_nhwc, str(int8))))
 
-    before = best = kl()
+    before = best = kl()  # first: a file that does not load gets its clear error before it is parsed
+    groups = tunable_groups(buf)
     trials = 1
     for g in groups:
         best, n = _tune(g, best, kl)
         trials += n
-    _write(buf, out)
+    write_bytes_atomic(out, bytes(buf))
     changed = [g for g in groups if g.factor != 1.0]
     by_tensor = {n: g.factor for g in changed for n in g.names}
     return RangeRecord(len(groups), len(changed), before, best, len(images_nhwc), trials,
@@ -252,14 +251,8 @@ def apply_factors(int8: Path, by_tensor: Mapping[str, float], out: Path) -> int:
         if len(factors) == 1:
             g.set_factor(factors.pop())
             changed += 1
-    _write(buf, out)
+    write_bytes_atomic(out, bytes(buf))
     return changed
-
-
-def _write(buf: bytearray, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(bytes(buf))
-    os.replace(tmp, out)
 
 
 def _tune(g: _Group, best: float, kl: Any) -> tuple[float, int]:
@@ -283,20 +276,15 @@ def _logits(content: bytes, images: np.ndarray, label: str) -> np.ndarray:
     """The file's dequantized output on every image, run as CPU targets run it (XNNPACK, 1 thread)."""
     from ai_edge_litert.interpreter import Interpreter
 
+    from pipeline.tflite import run_batch
+
     try:
         interp = Interpreter(model_content=content, num_threads=1)
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         raise VerificationError(f"{label}: not a loadable TFLite model: {exc}") from exc
-    out = interp.get_output_details()[0]
-    scale, zp = out["quantization"]
-    rows = []
-    for i in range(len(images)):
-        _set_input(interp, images[i : i + 1].astype(np.float32))
-        interp.invoke()
-        v = interp.get_tensor(out["index"]).astype(np.float64)
-        rows.append(((v - zp) * scale if scale else v).reshape(-1))
-    return np.stack(rows)
+    interp._edgeship_path = label  # type: ignore[attr-defined]  # names the file in run_batch's errors
+    return run_batch(interp, images).astype(np.float64)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

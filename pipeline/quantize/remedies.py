@@ -277,9 +277,7 @@ def _range_tuning(job: RemedyJob, best: Candidate, work: Path) -> Candidate:
 
     out = work / "range-tuning" / f"{best.int8.stem}.tflite"
     out.parent.mkdir(parents=True, exist_ok=True)
-    images = best.calibration.subset(min(RANGE_IMAGES, len(best.calibration)), seed=job.seed)
-    nhwc = np.ascontiguousarray(job.spec.to_tensor(images.images).permute(0, 2, 3, 1).numpy())
-    rec = tune_ranges(best.fp32, best.int8, nhwc, out)
+    rec = tune_ranges(best.fp32, best.int8, _calibration_nhwc(job, best, RANGE_IMAGES), out)
     if rec.groups == 0:
         raise _Skipped("no activation range in the file can be rescaled")
     c = Candidate(f"range_tuning ({rec.changed} of {rec.groups} ranges)", out, best.fp32, best.saved_model,
@@ -287,6 +285,12 @@ def _range_tuning(job: RemedyJob, best: Candidate, work: Path) -> Candidate:
                   range_factors=_compose(best.range_factors, rec.by_tensor))  # fmt: skip
     c.details = {**({"ranges": best.details["ranges"]} if "ranges" in best.details else {}), **rec.to_dict()}
     return c
+
+
+def _calibration_nhwc(job: RemedyJob, c: Candidate, n: int) -> np.ndarray:
+    """`n` of `c`'s calibration images (all, if fewer), seeded, as the normalized NHWC floats TFLite takes."""
+    images = c.calibration.subset(min(n, len(c.calibration)), seed=job.seed)
+    return np.ascontiguousarray(job.spec.to_tensor(images.images).permute(0, 2, 3, 1).numpy())
 
 
 def _compose(before: dict[str, float] | None, after: dict[str, float]) -> dict[str, float]:
@@ -312,9 +316,7 @@ def _bias_correction(job: RemedyJob, best: Candidate, work: Path, folder: str = 
 def _correct(job: RemedyJob, c: Candidate, out: Path) -> dict[str, Any]:
     from pipeline.quantize.biasfix import correct_biases
 
-    images = c.calibration.subset(min(BIAS_IMAGES, len(c.calibration)), seed=job.seed)
-    nhwc = np.ascontiguousarray(job.spec.to_tensor(images.images).permute(0, 2, 3, 1).numpy())
-    rec = correct_biases(c.fp32, c.int8, nhwc, out)
+    rec = correct_biases(c.fp32, c.int8, _calibration_nhwc(job, c, BIAS_IMAGES), out)
     if rec.ops_corrected == 0:
         raise _Skipped("no int8 op with an int32 bias to correct")
     return rec.to_dict()
