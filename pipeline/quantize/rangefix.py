@@ -33,6 +33,7 @@ import numpy as np
 
 from pipeline.artifacts import write_bytes_atomic
 from pipeline.errors import VerificationError
+from pipeline.quantize.biasfix import builtin_code
 
 FACTORS = (0.3, 0.5, 0.7, 0.8, 0.9, 1.15, 1.3)  # each range's scale x these, all tried
 MIN_GAIN = 0.002  # a factor other than the current one must lower the mean KL by this share
@@ -119,8 +120,7 @@ def tunable_groups(buf: bytearray) -> list[_Group]:
     ops = []
     for k in range(graph.OperatorsLength()):
         op = graph.Operators(k)
-        code = model.OperatorCodes(op.OpcodeIndex())
-        kind = names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "?")
+        kind = names.get(builtin_code(model, op), "?")
         ops.append((kind, [int(i) for i in op.InputsAsNumpy()], [int(i) for i in op.OutputsAsNumpy()]))
     boundary = {int(i) for i in graph.InputsAsNumpy()} | {int(i) for i in graph.OutputsAsNumpy()}
 
