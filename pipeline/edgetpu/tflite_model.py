@@ -147,7 +147,8 @@ def _schema() -> tuple[ModuleType, str]:
         ) from exc
 
 
-def _enum_names(enum_cls: type) -> dict[int, str]:
+def enum_names(enum_cls: type) -> dict[int, str]:
+    """value -> name of a schema enum class (BuiltinOperator, TensorType, ...)."""
     return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_") and isinstance(v, int)}
 
 
@@ -244,11 +245,18 @@ def _tensor(schema: ModuleType, model: Any, buf: bytes, t: Any, index: int, dtyp
     )
 
 
+def builtin_code(oc: Any) -> int:
+    """The builtin operator of a schema OperatorCode: the larger of its two code fields, since older files set
+    only DeprecatedBuiltinCode (BuiltinCode reads 0) and newer ones put codes above 127 in BuiltinCode with a
+    placeholder (127) in DeprecatedBuiltinCode."""
+    return max(int(oc.DeprecatedBuiltinCode()), int(oc.BuiltinCode()))
+
+
 def _opcodes(schema: ModuleType, model: Any, op_names: dict[int, str]) -> list[tuple[str, int, int, bool]]:
     codes = []
     for i in range(model.OperatorCodesLength()):
         oc = model.OperatorCodes(i)
-        code = max(int(oc.DeprecatedBuiltinCode()), int(oc.BuiltinCode()))  # schema >= 3a: the larger one
+        code = builtin_code(oc)
         if code == schema.BuiltinOperator.CUSTOM:
             custom = (oc.CustomCode() or b"").decode(errors="replace") or "CUSTOM"
             codes.append((custom, int(oc.Version()), -1, True))
@@ -313,9 +321,9 @@ def read_tflite(path: Path) -> TfliteModelInfo:
             "pass the .tflite written by the convert stage"
         )
     schema, reader = _schema()
-    op_names = _enum_names(schema.BuiltinOperator)
-    dtypes = _enum_names(schema.TensorType)
-    option_names = _enum_names(schema.BuiltinOptions)
+    op_names = enum_names(schema.BuiltinOperator)
+    dtypes = enum_names(schema.TensorType)
+    option_names = enum_names(schema.BuiltinOptions)
     try:
         model = schema.Model.GetRootAs(buf, 0)
         opcodes = _opcodes(schema, model, op_names)

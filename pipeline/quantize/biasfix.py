@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts import write_bytes_atomic
+from pipeline.edgetpu.tflite_model import builtin_code
 from pipeline.errors import VerificationError
 from pipeline.quantize.operrors import _interpreter_from, _pairs, _set_input
 
@@ -65,14 +66,6 @@ class BiasRecord:
         }
 
 
-def builtin_code(model: Any, op: Any) -> int:
-    """The builtin operator of `op` (a schema Operator of `model`): the larger of the two code fields, since
-    older files set only DeprecatedBuiltinCode (BuiltinCode reads 0) and newer ones put codes above 127 in
-    BuiltinCode with a placeholder (127) in DeprecatedBuiltinCode."""
-    code = model.OperatorCodes(op.OpcodeIndex())
-    return int(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()))
-
-
 def biased_ops(buf: bytearray) -> list[BiasOp]:
     """The ops of the main subgraph whose int32 bias can be corrected, in graph order."""
     import ai_edge_litert.schema_py_generated as schema
@@ -87,7 +80,7 @@ def biased_ops(buf: bytearray) -> list[BiasOp]:
     found = []
     for k in range(graph.OperatorsLength()):
         op = graph.Operators(k)
-        if builtin_code(model, op) not in kinds:
+        if builtin_code(model.OperatorCodes(op.OpcodeIndex())) not in kinds:
             continue
         if op.InputsLength() < 3 or op.Inputs(2) < 0 or op.OutputsLength() < 1:
             continue

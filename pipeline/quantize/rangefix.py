@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts import write_bytes_atomic
+from pipeline.edgetpu.tflite_model import builtin_code, enum_names
 from pipeline.errors import VerificationError
-from pipeline.quantize.biasfix import builtin_code
 
 FACTORS = (0.3, 0.5, 0.7, 0.8, 0.9, 1.15, 1.3)  # each range's scale x these, all tried
 MIN_GAIN = 0.002  # a factor other than the current one must lower the mean KL by this share
@@ -104,23 +104,17 @@ class RangeRecord:
         }
 
 
-def _op_names() -> dict[int, str]:
-    import ai_edge_litert.schema_py_generated as schema
-
-    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-
-
 def tunable_groups(buf: bytearray) -> list[_Group]:
     """The activation ranges of the main subgraph that can be rescaled, with the views that do it."""
     import ai_edge_litert.schema_py_generated as schema
 
-    names = _op_names()
+    names = enum_names(schema.BuiltinOperator)
     model = schema.Model.GetRootAs(buf, 0)
     graph = model.Subgraphs(0)
     ops = []
     for k in range(graph.OperatorsLength()):
         op = graph.Operators(k)
-        kind = names.get(builtin_code(model, op), "?")
+        kind = names.get(builtin_code(model.OperatorCodes(op.OpcodeIndex())), "?")
         ops.append((kind, [int(i) for i in op.InputsAsNumpy()], [int(i) for i in op.OutputsAsNumpy()]))
     boundary = {int(i) for i in graph.InputsAsNumpy()} | {int(i) for i in graph.OutputsAsNumpy()}
 
