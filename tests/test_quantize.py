@@ -607,11 +607,19 @@ def test_every_remedy_runs_in_order_and_is_measured(planted: dict, data: dict[st
     # ... and applies the tuned ranges to it first when range tuning was kept
     assert ("ranges_retuned" in sel) == (rt["kept"] and rt["ranges_changed"] > 0)
     assert rows["qat"]["steps"] == 40 and rows["qat"]["act_points"] >= 5 and rows["qat"]["size_bytes"] > 0
-    # QAT's file is tried as exported and bias-corrected; the better ships, both are recorded
-    tried = rows["qat"]["bias_tries"]
-    assert [t["bias_corrected"] for t in tried] == [False, True]
-    assert rows["qat"]["agreement"] == max(t["agreement"] for t in tried)
-    assert ("bias-corrected" in rows["qat"]["remedy"]) == ("bias_corrected_ops" in rows["qat"])
+    # QAT's file is tried as exported, then range-tuned, then bias-corrected, each step kept only when it
+    # measures better; the best ships, every try is recorded
+    tried = rows["qat"]["qat_tries"]
+    assert [t["file"] for t in tried][0] == "exported" and len(tried) == 3
+    assert tried[1]["file"] == "exported + range_tuning"
+    assert tried[2]["file"] == ("exported + range_tuning + bias_correction" if tried[1]["kept"]
+                                else "exported + bias_correction")  # fmt: skip
+    assert rows["qat"]["agreement"] == max(t["agreement"] for t in tried if "agreement" in t)
+    for name, word in (("range_tuning", "range-tuned"), ("bias_correction", "bias-corrected")):
+        kept = any(t["kept"] for t in tried if t["file"].endswith(name))
+        assert (word in rows["qat"]["remedy"]) == kept == (name in rows["qat"])
+    if "range_tuning" in rows["qat"]:
+        assert rows["qat"]["range_tuning"]["ranges_changed"] > 0
     # QAT froze its ranges on every image of the profile's calibration set, untrimmed, which the converter
     # then calibrated its model on
     assert rows["qat"]["calibration_images"] == len(data["calibration"])

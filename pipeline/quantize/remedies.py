@@ -32,8 +32,9 @@ model's before the remedies stop (`meets`).
    set (not the trimmed pool `calibration` may have kept: measured on the MobileNetV2-style bench model in an
    earlier run, QAT on the trimmed pool's ranges 0.974 agreement, on the profile's 200 images 0.988). Its
    checkpoint is picked on QAT_HOLDOUT training images held out of its training (qat.py), never on the
-   validation split that then judges it. With `bias_correction` among the remedies, QAT's file is also
-   tried bias-corrected and the better of the two is QAT's model (both recorded: `bias_tries`).
+   validation split that then judges it. With `range_tuning` and `bias_correction` among the remedies,
+   QAT's file is then range-tuned and bias-corrected too, each step kept only when it measures better (every
+   try recorded: `qat_tries`).
 
 A remedy is kept only when it raises the agreement (ties: higher accuracy); later remedies start from the best
 model so far. Every number here is on the validation split, never the test split.
@@ -271,11 +272,12 @@ def _equalization(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Can
     return ref.measure(c, job)
 
 
-def _range_tuning(job: RemedyJob, best: Candidate, work: Path) -> Candidate:
-    """`best`'s int8 file with its activation ranges tuned on RANGE_IMAGES of its calibration images."""
+def _range_tuning(job: RemedyJob, best: Candidate, work: Path, folder: str = "range-tuning") -> Candidate:
+    """`best`'s int8 file with its activation ranges tuned on RANGE_IMAGES of its calibration images, in
+    work/folder."""
     from pipeline.quantize.rangefix import tune_ranges
 
-    out = work / "range-tuning" / f"{best.int8.stem}.tflite"
+    out = work / folder / f"{best.int8.stem}.tflite"
     out.parent.mkdir(parents=True, exist_ok=True)
     rec = tune_ranges(best.fp32, best.int8, _calibration_nhwc(job, best, RANGE_IMAGES), out)
     if rec.groups == 0:
@@ -343,29 +345,49 @@ def _qat(job: RemedyJob, best: Candidate, work: Path, ref: _Ref) -> Candidate:
                               steps=job.qat_steps, seed=job.seed, ranges=method)  # fmt: skip
     c = _with_ranges(job, _convert(job, model, images, work, "qat"), method, work / "qat-ranges")
     c.details = {**rec.to_dict(), **{k: v for k, v in c.details.items() if k.startswith("ranges_")}}
-    c = ref.measure(c, job)
-    if "bias_correction" not in job.remedies:
-        return c
-    return _qat_corrected(job, c, work, ref)
+    return _qat_finished(job, ref.measure(c, job), work, ref)
 
 
-def _qat_corrected(job: RemedyJob, c: Candidate, work: Path, ref: _Ref) -> Candidate:
-    """QAT's file and the same file bias-corrected (biasfix.py), both measured: the better one, both recorded.
-    QAT trains the biases against its own simulation of int8, which the converter's file does not match
-    exactly, so a shift can remain."""
-    try:
-        fixed = ref.measure(_bias_correction(job, c, work, "qat-bias-correction"), job)
-    except _Skipped:
-        return c
-    tries = [
-        {"bias_corrected": k, "agreement": t.agreement, "accuracy": t.accuracy} for k, t in ((False, c), (True, fixed))
-    ]
-    if not _better(fixed, c, job, ref):
-        c.details["bias_tries"] = tries
-        return c
-    fixed.name = f"qat (bias-corrected, {fixed.details['bias_corrected_ops']} ops)"
-    fixed.details = {**c.details, **fixed.details, "bias_tries": tries}
-    return fixed
+QAT_FINISHES = ("range_tuning", "bias_correction")  # applied to QAT's file too, in this order, when listed
+
+
+def _qat_finished(job: RemedyJob, c: Candidate, work: Path, ref: _Ref) -> Candidate:
+    """QAT's file as exported, then range-tuned (rangefix.py) and bias-corrected (biasfix.py) when those
+    remedies are listed, each step kept only when it measures better: the best ships, every try is recorded
+    (`qat_tries`). QAT trains against its own simulation of int8, which the converter's file does not match
+    exactly (requantize rounding, the ranges recalibrated at export), so its ranges and biases can still be off."""
+    tries: list[dict[str, Any]] = [{"file": "exported", "agreement": c.agreement, "accuracy": c.accuracy, "kept": True}]
+    steps: list[str] = []
+    best = c
+    for name in QAT_FINISHES:
+        if name not in job.remedies:
+            continue
+        label = " + ".join(["exported", *steps, name])
+        try:
+            if name == "range_tuning":
+                t = _range_tuning(job, best, work, "qat-range-tuning")
+            else:
+                t = _bias_correction(job, best, work, "qat-bias-correction")
+        except _Skipped as exc:
+            tries.append({"file": label, "skipped": str(exc), "kept": False})
+            continue
+        t = ref.measure(t, job)
+        kept = _better(t, best, job, ref)
+        tries.append({"file": label, "agreement": t.agreement, "accuracy": t.accuracy, "kept": kept})
+        if kept:  # QAT's record, with each kept step's own under its name (both have `ranges_changed`)
+            t.details = {**best.details, name: {k: v for k, v in t.details.items() if k != "ranges"}}
+            best = t
+            steps.append(name)
+    if steps:
+        best.name = "qat (" + ", ".join(_FINISHED[s](best.details[s]) for s in steps) + ")"
+    best.details["qat_tries"] = tries
+    return best
+
+
+_FINISHED = {
+    "range_tuning": lambda d: f"range-tuned, {d['ranges_changed']} of {d['ranges_tunable']} ranges",
+    "bias_correction": lambda d: f"bias-corrected, {d['bias_corrected_ops']} ops",
+}
 
 
 def requantize_float(job: RemedyJob, best: Candidate, tensors: Sequence[str], out: Path, *, mode: str = "int8",
