@@ -610,7 +610,7 @@ def test_every_remedy_runs_in_order_and_is_measured(planted: dict, data: dict[st
     # QAT's file is tried as exported, then range-tuned, then bias-corrected, each step kept only when it
     # measures better; the best ships, every try is recorded
     tried = rows["qat"]["qat_tries"]
-    assert [t["file"] for t in tried][0] == "exported" and len(tried) == 3
+    assert tried[0]["file"] == "exported" and len(tried) == 3
     assert tried[1]["file"] == "exported + range_tuning"
     assert tried[2]["file"] == ("exported + range_tuning + bias_correction" if tried[1]["kept"]
                                 else "exported + bias_correction")  # fmt: skip
