@@ -55,6 +55,8 @@ DEFAULTS: dict[str, dict] = {
                   "hold_out_val": True, "bf16": True},
     "mobilenetv2_fm": {"epochs": 4, "low_res_epochs": 3, "batch_size": 128, "lr": 3e-3, "train_limit": 8000,
                        "hold_out_val": True, "bf16": True},
+    "branchnet_fm": {"epochs": 4, "low_res_epochs": 3, "batch_size": 64, "lr": 3e-3, "train_limit": 12000,
+                     "hold_out_val": True, "bf16": False},  # bf16 autocast was slower on a CPU without AVX512
 }  # fmt: skip
 
 

@@ -1,5 +1,6 @@
-"""The ResNet- and MobileNetV2-style bench models (3x64x64 Fashion-MNIST): they build through the zoo, run,
-prune with Torch-Pruning's DepGraph, and their committed checkpoints load and classify real test images."""
+"""The ResNet- and MobileNetV2-style bench models (3x64x64 Fashion-MNIST) and the branched one (3x32x32): they
+build through the zoo, run, prune with Torch-Pruning's DepGraph, and their committed checkpoints load and
+classify real test images."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.tiny_models import prune_cfg, read_fashion_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("resnet_fm", "mobilenetv2_fm")
+TRAINED = (*MODELS, "branchnet_fm")  # the bench models `make baseline` trains, checkpoints committed
 MAX_CHECKPOINT_BYTES = 12 * 1024 * 1024
 
 
@@ -47,6 +49,44 @@ def test_the_architectures_are_what_they_claim() -> None:
     for model, (lo, hi) in ((resnet, (400e6, 700e6)), (mobile, (150e6, 300e6))):
         macs, params = count_macs_params(model, x)
         assert lo <= macs <= hi and params * 4 < MAX_CHECKPOINT_BYTES
+
+
+def test_the_branched_model_has_every_coupling_it_claims() -> None:
+    spec = get_model_spec("branchnet_fm")
+    assert spec.input_shape == (3, 32, 32) and spec.default_checkpoint == "models/branchnet_fm.pt"
+    model = spec.build()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert any(1 < m.groups < m.in_channels for m in convs)  # grouped
+    assert any(m.groups == m.in_channels > 1 and m.kernel_size == (5, 5) for m in convs)  # depthwise 5x5
+    kinds = {type(m) for m in model.modules()}
+    assert nn.Hardswish in kinds and nn.SiLU in kinds
+    blocks = [m for m in model.modules() if type(m).__name__ == "BranchBlock"]
+    assert len(blocks) == 6
+    seen: list[int] = []  # the projection reads the concatenation of all three branches
+    hook = blocks[0].project.register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape[1]))
+    out = model(torch.randn(2, *spec.input_shape))
+    hook.remove()
+    b = blocks[0]
+    widths = [b.branch1[-3].out_channels, b.branch2[-3].out_channels, b.branch3[-3].out_channels]
+    assert out.shape == (2, 10) and seen == [sum(widths)]
+
+
+def test_the_branched_model_prunes_every_branch_consistently(tmp_path: Path) -> None:
+    spec = get_model_spec("branchnet_fm")
+    model, x = spec.build(), torch.randn(1, *spec.input_shape)
+    macs0, _ = count_macs_params(model, x)
+    pruned = prune_to_target(model, x, prune_cfg(metric="macs", keep=0.5, channel_multiple=8), iterations=5).model
+    macs, _ = count_macs_params(pruned, x)
+    assert 0.4 * macs0 <= macs <= 0.52 * macs0
+    for m in pruned.modules():
+        if isinstance(m, nn.Conv2d):  # groups still divide both sides, every width a multiple of 8
+            assert m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0 and m.out_channels % 8 == 0
+    b = [m for m in pruned.modules() if type(m).__name__ == "BranchBlock"][2]
+    assert b.project[0].in_channels == sum(br[-3].out_channels for br in (b.branch1, b.branch2, b.branch3))
+    save_checkpoint(pruned, tmp_path / "p.pt", meta={})
+    loaded, _ = load_checkpoint(tmp_path / "p.pt", spec.build())
+    xs = torch.randn(2, *spec.input_shape)
+    assert torch.allclose(loaded(xs), pruned.eval()(xs), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["resnet_fm", pytest.param("mobilenetv2_fm", marks=pytest.mark.slow)])
@@ -139,4 +179,4 @@ def test_baseline_refuses_a_model_it_cannot_train(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
-    assert "trainable models are fmnist_cnn, mobilenetv2_fm, resnet_fm" in capsys.readouterr().err
+    assert "trainable models are branchnet_fm, fmnist_cnn, mobilenetv2_fm, resnet_fm" in capsys.readouterr().err

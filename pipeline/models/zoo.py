@@ -47,12 +47,12 @@ def _efficientnet_lite0() -> ModelSpec:
     )
 
 
-def _fashion_mnist_rgb64(name: str, build: Callable[[], nn.Module]) -> ModelSpec:
-    """A bench model on Fashion-MNIST resized to 64x64 and replicated to 3 channels
+def _fashion_mnist_rgb64(name: str, build: Callable[[], nn.Module], side: int = 64) -> ModelSpec:
+    """A bench model on Fashion-MNIST resized to side x side (64 unless given) and replicated to 3 channels
     (pipeline.data.fashion_mnist.fit_images): the grey statistics of Fashion-MNIST on every channel."""
     from pipeline.data.fashion_mnist import CLASS_NAMES
 
-    return ModelSpec(name=name, build=build, input_shape=(3, 64, 64), mean=(0.2860,) * 3, std=(0.3530,) * 3,
+    return ModelSpec(name=name, build=build, input_shape=(3, side, side), mean=(0.2860,) * 3, std=(0.3530,) * 3,
                      class_names=CLASS_NAMES, default_checkpoint=f"models/{name}.pt")  # fmt: skip
 
 
@@ -68,8 +68,15 @@ def _mobilenetv2_fm() -> ModelSpec:
     return _fashion_mnist_rgb64("mobilenetv2_fm", build)
 
 
+def _branchnet_fm() -> ModelSpec:
+    from pipeline.models.branchnet_fm import INPUT, build
+
+    return _fashion_mnist_rgb64("branchnet_fm", build, side=INPUT)
+
+
 BUILTIN: dict[str, Callable[[], ModelSpec]] = {"fmnist_cnn": _fmnist_cnn, "efficientnet_lite0": _efficientnet_lite0,
-                                               "resnet_fm": _resnet_fm, "mobilenetv2_fm": _mobilenetv2_fm}  # fmt: skip
+                                               "resnet_fm": _resnet_fm, "mobilenetv2_fm": _mobilenetv2_fm,
+                                               "branchnet_fm": _branchnet_fm}  # fmt: skip
 
 
 def get_model_spec(name: str) -> ModelSpec:
