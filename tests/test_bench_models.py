@@ -130,7 +130,7 @@ def test_bench_models_never_train_on_the_validation_split() -> None:
 
 
 @needs_fmnist
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TRAINED)
 def test_committed_checkpoint_loads_and_classifies(name: str) -> None:
     spec = get_model_spec(name)
     path = REPO / spec.default_checkpoint
