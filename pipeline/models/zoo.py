@@ -47,7 +47,7 @@ def _efficientnet_lite0() -> ModelSpec:
     )
 
 
-def _fashion_mnist_rgb64(name: str, build: Callable[[], nn.Module], side: int = 64) -> ModelSpec:
+def _fashion_mnist_rgb(name: str, build: Callable[[], nn.Module], side: int = 64) -> ModelSpec:
     """A bench model on Fashion-MNIST resized to side x side (64 unless given) and replicated to 3 channels
     (pipeline.data.fashion_mnist.fit_images): the grey statistics of Fashion-MNIST on every channel."""
     from pipeline.data.fashion_mnist import CLASS_NAMES
@@ -59,19 +59,19 @@ def _fashion_mnist_rgb64(name: str, build: Callable[[], nn.Module], side: int = 
 def _resnet_fm() -> ModelSpec:
     from pipeline.models.resnet_fm import build
 
-    return _fashion_mnist_rgb64("resnet_fm", build)
+    return _fashion_mnist_rgb("resnet_fm", build)
 
 
 def _mobilenetv2_fm() -> ModelSpec:
     from pipeline.models.mobilenetv2_fm import build
 
-    return _fashion_mnist_rgb64("mobilenetv2_fm", build)
+    return _fashion_mnist_rgb("mobilenetv2_fm", build)
 
 
 def _branchnet_fm() -> ModelSpec:
     from pipeline.models.branchnet_fm import INPUT, build
 
-    return _fashion_mnist_rgb64("branchnet_fm", build, side=INPUT)
+    return _fashion_mnist_rgb("branchnet_fm", build, side=INPUT)
 
 
 BUILTIN: dict[str, Callable[[], ModelSpec]] = {"fmnist_cnn": _fmnist_cnn, "efficientnet_lite0": _efficientnet_lite0,
